@@ -1,0 +1,108 @@
+//! Broker configuration: every limit and tunable in one place, with units in the names.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::storage::{Durability, LogConfig};
+
+/// Everything `corebus serve` needs to run.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// Where topics, partition logs and the superblock live.
+    pub data_dir: PathBuf,
+    /// The public address every shard accepts on (SO_REUSEPORT); shard `i` also accepts on
+    /// port `listen.port() + 1 + i`.
+    pub listen: SocketAddr,
+    /// Number of shards (executors), each pinned to its own core when there are enough.
+    pub shards: usize,
+    /// When produces are acknowledged.
+    pub durability: Durability,
+    /// Largest accepted frame; the length prefix is checked before any allocation.
+    pub max_frame_bytes: usize,
+    /// Most records accepted in one batch.
+    pub max_batch_records: u32,
+    /// Requests one connection may have in flight before the broker stops reading from it.
+    pub max_inflight_per_connection: usize,
+    /// Most partitions a topic may have.
+    pub max_partitions_per_topic: u32,
+    /// Most bytes returned by one fetch.
+    pub max_fetch_bytes: usize,
+    /// Longest a fetch may wait for data.
+    pub max_fetch_wait_ms: u32,
+    /// Size of each shard's DMA buffer pool (glommio `io_memory`).
+    pub io_memory_bytes: usize,
+    /// Recent data kept in memory per partition for readers.
+    pub cache_bytes_per_partition: usize,
+    /// Largest single DMA read or write.
+    pub max_io_bytes: usize,
+    /// Bytes a partition may have waiting for a flush before producers are held back.
+    pub max_pending_bytes_per_partition: usize,
+}
+
+impl BrokerConfig {
+    /// Defaults for everything but where to store data and listen.
+    pub fn new(data_dir: PathBuf, listen: SocketAddr) -> Self {
+        Self {
+            data_dir,
+            listen,
+            shards: 1,
+            durability: Durability::Sync,
+            max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
+            max_batch_records: 100_000,
+            max_inflight_per_connection: 256,
+            max_partitions_per_topic: 10_000,
+            max_fetch_bytes: 8 << 20,
+            max_fetch_wait_ms: 60_000,
+            io_memory_bytes: 64 << 20,
+            cache_bytes_per_partition: 8 << 20,
+            max_io_bytes: 4 << 20,
+            max_pending_bytes_per_partition: 64 << 20,
+        }
+    }
+
+    /// The port shard `shard` accepts on directly.
+    pub fn shard_port(&self, shard: usize) -> u16 {
+        self.listen.port().wrapping_add(1 + shard as u16)
+    }
+
+    /// The storage settings each partition log uses.
+    pub fn log_config(&self) -> LogConfig {
+        LogConfig {
+            durability: self.durability,
+            max_io_bytes: self.max_io_bytes,
+            cache_bytes: self.cache_bytes_per_partition,
+            index_interval_bytes: 4096,
+            max_pending_bytes: self.max_pending_bytes_per_partition,
+        }
+    }
+
+    /// Checks the settings, naming the one that is wrong.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.shards == 0 || self.shards > 256 {
+            return Err(format!("--shards must be 1..=256, got {}", self.shards));
+        }
+        if u32::from(self.listen.port()) + 1 + self.shards as u32 > u32::from(u16::MAX) {
+            return Err(format!(
+                "--listen port {} leaves no room for {} shard ports above it",
+                self.listen.port(),
+                self.shards
+            ));
+        }
+        if self.max_frame_bytes < 1024 || self.max_frame_bytes > (1 << 30) {
+            return Err(format!(
+                "--max-frame-bytes must be 1 KiB..=1 GiB, got {}",
+                self.max_frame_bytes
+            ));
+        }
+        if self.max_io_bytes < 4096 || self.max_io_bytes % 4096 != 0 {
+            return Err(format!(
+                "max I/O size must be a multiple of 4096, got {}",
+                self.max_io_bytes
+            ));
+        }
+        if self.max_inflight_per_connection == 0 {
+            return Err("--max-inflight-per-connection must be at least 1".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,59 @@
+//! Fetch: whole batches of one partition from an offset, with a long poll at the log's end.
+
+use flatbuffers::FlatBufferBuilder;
+
+use crate::broker::shard::Shard;
+use crate::protocol::frame::OutFrame;
+use crate::protocol::message::{finish_response, ApiError};
+use crate::protocol::wire;
+
+pub(super) async fn handle(
+    shard: &Shard,
+    id: u64,
+    req: wire::FetchRequest<'_>,
+) -> Result<OutFrame, ApiError> {
+    let topic = req.topic();
+    let data = shard
+        .fetch(
+            topic,
+            req.partition(),
+            req.offset(),
+            req.max_bytes(),
+            req.max_wait_ms(),
+        )
+        .await?;
+    let mut fbb = FlatBufferBuilder::with_capacity(256 + topic.len() + data.batches.len());
+    let batches = fbb.create_vector(&data.batches);
+    let topic_name = topic;
+    let topic = fbb.create_string(topic);
+    let error = data.out_of_range.then(|| {
+        ApiError::new(
+            wire::ErrorCode::OffsetOutOfRange,
+            format!(
+                "offset {} is out of range for {topic_name}/{}: the log holds [{}, {})",
+                req.offset(),
+                req.partition(),
+                data.log_start_offset,
+                data.high_watermark
+            ),
+        )
+        .to_wire(&mut fbb)
+    });
+    let body = wire::FetchResponse::create(
+        &mut fbb,
+        &wire::FetchResponseArgs {
+            topic: Some(topic),
+            partition: req.partition(),
+            high_watermark: data.high_watermark,
+            log_start_offset: data.log_start_offset,
+            batches: Some(batches),
+            error,
+        },
+    );
+    Ok(finish_response(
+        fbb,
+        id,
+        wire::ResponseBody::FetchResponse,
+        body.as_union_value(),
+    ))
+}

@@ -1,0 +1,56 @@
+//! Request handlers: one module per request kind, each parsing its request, applying it to
+//! the shard and building its reply. This file only verifies the frame and dispatches.
+
+mod fetch;
+mod metadata;
+mod produce;
+mod topics;
+
+use bytes::Bytes;
+
+use super::shard::Shard;
+use crate::protocol::frame::OutFrame;
+use crate::protocol::message::{error_response, parse_request, ApiError};
+use crate::protocol::wire::{ErrorCode, RequestBody};
+
+/// Verifies a request frame and runs its handler. Never panics on bad input: a frame that
+/// fails verification gets an error reply with correlation id 0.
+pub async fn dispatch(shard: &Shard, frame: Bytes) -> OutFrame {
+    let request = match parse_request(&frame) {
+        Ok(request) => request,
+        Err(e) => return error_response(0, &e),
+    };
+    let id = request.correlation_id();
+    let result = match request.body_type() {
+        RequestBody::ProduceRequest => match request.body_as_produce_request() {
+            Some(r) => produce::handle(shard, id, r, &frame).await,
+            None => Err(missing_body()),
+        },
+        RequestBody::FetchRequest => match request.body_as_fetch_request() {
+            Some(r) => fetch::handle(shard, id, r).await,
+            None => Err(missing_body()),
+        },
+        RequestBody::MetadataRequest => match request.body_as_metadata_request() {
+            Some(r) => Ok(metadata::handle(shard, id, r)),
+            None => Err(missing_body()),
+        },
+        RequestBody::CreateTopicRequest => match request.body_as_create_topic_request() {
+            Some(r) => topics::create(shard, id, r).await,
+            None => Err(missing_body()),
+        },
+        RequestBody::DeleteTopicRequest => match request.body_as_delete_topic_request() {
+            Some(r) => topics::delete(shard, id, r).await,
+            None => Err(missing_body()),
+        },
+        RequestBody::ListTopicsRequest => Ok(topics::list(shard, id)),
+        other => Err(ApiError::new(
+            ErrorCode::UnsupportedRequest,
+            format!("request kind {} is not supported", other.0),
+        )),
+    };
+    result.unwrap_or_else(|e| error_response(id, &e))
+}
+
+fn missing_body() -> ApiError {
+    ApiError::new(ErrorCode::InvalidRequest, "request has no body")
+}

@@ -1,0 +1,125 @@
+//! Messages between shards, and the loop that serves the ones addressed to this shard.
+//!
+//! Every cross-shard interaction is one of these variants, carried by glommio's channel mesh;
+//! replies come back on a oneshot channel inside the message.
+
+use std::rc::Rc;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::StreamExt;
+use glommio::channels::channel_mesh::Receivers;
+
+use super::shard::Shard;
+use crate::protocol::message::ApiError;
+use crate::storage::FetchedData;
+
+/// The result of producing to one partition: its id and the offsets of the first and last
+/// records appended, or why nothing was appended.
+pub type PartitionOutcome = (u32, Result<(u64, u64), ApiError>);
+
+/// A change to the topic list.
+#[derive(Clone, Debug)]
+pub enum TopicChange {
+    /// A topic was created.
+    Created {
+        /// Topic name.
+        name: String,
+        /// Partition count.
+        partitions: u32,
+    },
+    /// A topic was deleted, with its data.
+    Deleted {
+        /// Topic name.
+        name: String,
+    },
+}
+
+/// A request from one shard to another.
+pub enum ShardMessage {
+    /// Append batches to partitions the receiver owns.
+    Produce {
+        /// Topic name.
+        topic: String,
+        /// (partition, concatenated batches), each partition owned by the receiver.
+        parts: Vec<(u32, Bytes)>,
+        /// Where the per-partition outcomes go.
+        reply: oneshot::Sender<Vec<PartitionOutcome>>,
+    },
+    /// Read from a partition the receiver owns.
+    Fetch {
+        /// Topic name.
+        topic: String,
+        /// Partition id.
+        partition: u32,
+        /// First offset wanted.
+        offset: u64,
+        /// Soft limit on bytes returned.
+        max_bytes: u32,
+        /// Long-poll time.
+        max_wait_ms: u32,
+        /// Where the data goes.
+        reply: oneshot::Sender<Result<FetchedData, ApiError>>,
+    },
+    /// Ask shard 0 to create or delete a topic broker-wide.
+    ChangeTopic {
+        /// The change.
+        change: TopicChange,
+        /// Its outcome.
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    /// From shard 0: apply a saved topic change to this shard's state.
+    ApplyTopic {
+        /// The change.
+        change: TopicChange,
+        /// Its outcome on this shard.
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+}
+
+/// Serves messages from every other shard until they all hang up. Each message runs as its
+/// own task so that a long poll does not hold up the channel.
+pub async fn serve_mesh(shard: Rc<Shard>, mut receivers: Receivers<ShardMessage>) {
+    let streams = receivers.streams();
+    let loops = streams.into_iter().map(|(_, mut stream)| {
+        let shard = Rc::clone(&shard);
+        async move {
+            while let Some(msg) = stream.next().await {
+                let shard = Rc::clone(&shard);
+                glommio::spawn_local(async move { handle(&shard, msg).await }).detach();
+            }
+        }
+    });
+    futures::future::join_all(loops).await;
+}
+
+async fn handle(shard: &Shard, msg: ShardMessage) {
+    match msg {
+        ShardMessage::Produce {
+            topic,
+            parts,
+            reply,
+        } => {
+            let _ = reply.send(shard.produce_local(&topic, parts).await);
+        }
+        ShardMessage::Fetch {
+            topic,
+            partition,
+            offset,
+            max_bytes,
+            max_wait_ms,
+            reply,
+        } => {
+            let result = shard
+                .fetch_local(&topic, partition, offset, max_bytes, max_wait_ms)
+                .await;
+            let _ = reply.send(result);
+        }
+        ShardMessage::ChangeTopic { change, reply } => {
+            let _ = reply.send(shard.change_topic(change).await);
+        }
+        ShardMessage::ApplyTopic { change, reply } => {
+            let _ = reply.send(shard.apply_topic_change(change).await);
+        }
+    }
+}

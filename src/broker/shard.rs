@@ -1,0 +1,476 @@
+//! One shard: the state a single executor owns (its copy of the topic list, the partition logs
+//! it owns) and the operations on it, local or forwarded to the owning shard over the mesh.
+//!
+//! Nothing here is shared with another thread: shards talk only through [`ShardMessage`]s.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::channel::oneshot;
+use futures::future::join_all;
+use glommio::channels::channel_mesh::Senders;
+use glommio::sync::Semaphore;
+
+use super::config::BrokerConfig;
+use super::mesh::{PartitionOutcome, ShardMessage, TopicChange};
+use super::metadata::{partition_dir, MetadataStore, TopicMap};
+use crate::protocol::message::ApiError;
+use crate::protocol::wire::ErrorCode;
+use crate::record::Batch;
+use crate::storage::{FetchedData, LogConfig, PartitionLog, StorageError};
+
+/// 64-bit FNV-1a of the topic name: the stable hash behind partition ownership.
+pub fn fnv1a_64(bytes: &[u8]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// The shard that owns `(topic, partition)` among `shards` shards. Consecutive partitions of
+/// a topic land on consecutive shards.
+pub fn owner_of(topic: &str, partition: u32, shards: usize) -> usize {
+    (fnv1a_64(topic.as_bytes()).wrapping_add(u64::from(partition)) % shards as u64) as usize
+}
+
+/// Maps a storage error to the protocol's error codes: the one place where this happens.
+pub fn storage_to_api(error: StorageError) -> ApiError {
+    let code = match &error {
+        StorageError::Io { .. } => ErrorCode::StorageError,
+        StorageError::ReadOnly(_) => ErrorCode::ReadOnly,
+        StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        StorageError::Corrupt(_) => ErrorCode::CorruptData,
+    };
+    ApiError::new(code, error.to_string())
+}
+
+/// The state one executor owns.
+pub struct Shard {
+    /// This shard's index (its place in the mesh).
+    pub id: usize,
+    /// Number of shards in the broker.
+    pub count: usize,
+    /// Broker settings.
+    pub config: Arc<BrokerConfig>,
+    log_config: Rc<LogConfig>,
+    /// This shard's copy of the topic list, updated by messages from shard 0.
+    topics: RefCell<TopicMap>,
+    /// Partition logs this shard owns.
+    logs: RefCell<HashMap<(String, u32), Rc<PartitionLog>>>,
+    mesh: Senders<ShardMessage>,
+    /// Serializes topic creation and deletion (used on shard 0 only).
+    topic_changes: Rc<Semaphore>,
+    /// Client requests being handled on this shard, for a graceful shutdown.
+    in_flight: Cell<usize>,
+}
+
+/// Counts one client request as in flight for as long as it lives.
+pub struct RequestGuard<'a> {
+    shard: &'a Shard,
+}
+
+impl Drop for RequestGuard<'_> {
+    fn drop(&mut self) {
+        self.shard.in_flight.set(self.shard.in_flight.get() - 1);
+    }
+}
+
+impl Shard {
+    /// Loads the topic list and opens (recovering) every partition log this shard owns.
+    pub async fn start(
+        config: Arc<BrokerConfig>,
+        mesh: Senders<ShardMessage>,
+    ) -> Result<Rc<Self>, String> {
+        let id = mesh.peer_id();
+        let count = mesh.nr_consumers().max(1);
+        let store = MetadataStore::new(&config.data_dir);
+        let topics = store.load()?;
+        if id == 0 {
+            remove_unknown_topic_dirs(&config, &topics);
+        }
+        let shard = Rc::new(Self {
+            id,
+            count,
+            log_config: Rc::new(config.log_config()),
+            config,
+            topics: RefCell::new(TopicMap::new()),
+            logs: RefCell::new(HashMap::new()),
+            mesh,
+            topic_changes: Rc::new(Semaphore::new(1)),
+            in_flight: Cell::new(0),
+        });
+        for (name, partitions) in topics {
+            shard
+                .apply_topic_change(TopicChange::Created { name, partitions })
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(shard)
+    }
+
+    /// Marks a client request in flight until the guard is dropped.
+    pub fn track_request(&self) -> RequestGuard<'_> {
+        self.in_flight.set(self.in_flight.get() + 1);
+        RequestGuard { shard: self }
+    }
+
+    /// Client requests being handled now.
+    pub fn requests_in_flight(&self) -> usize {
+        self.in_flight.get()
+    }
+
+    /// Partition count of `topic`, if it exists.
+    pub fn topic_partitions(&self, topic: &str) -> Option<u32> {
+        self.topics.borrow().get(topic).copied()
+    }
+
+    /// A snapshot of the topic list.
+    pub fn topics(&self) -> TopicMap {
+        self.topics.borrow().clone()
+    }
+
+    /// Sends a message to another shard. Fails only if that shard has stopped.
+    pub async fn send_to(&self, shard: usize, msg: ShardMessage) -> Result<(), ApiError> {
+        self.mesh.send_to(shard, msg).await.map_err(|_| {
+            ApiError::new(
+                ErrorCode::ShardUnavailable,
+                format!("shard {shard} is not reachable"),
+            )
+        })
+    }
+
+    fn log(&self, topic: &str, partition: u32) -> Result<Rc<PartitionLog>, ApiError> {
+        let Some(partitions) = self.topic_partitions(topic) else {
+            return Err(unknown_topic(topic));
+        };
+        if partition >= partitions {
+            return Err(ApiError::new(
+                ErrorCode::UnknownPartition,
+                format!("topic '{topic}' has {partitions} partitions; {partition} does not exist"),
+            ));
+        }
+        self.logs
+            .borrow()
+            .get(&(topic.to_string(), partition))
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::Internal,
+                    format!("shard {} does not own {topic}/{partition}", self.id),
+                )
+            })
+    }
+
+    // ------------------------------------------------------------------ produce
+
+    /// Validates and appends batches to partitions this shard owns, then waits until each is
+    /// durable. Partitions are processed concurrently; each partition's batches are all-or-none.
+    pub async fn produce_local(
+        &self,
+        topic: &str,
+        parts: Vec<(u32, Bytes)>,
+    ) -> Vec<PartitionOutcome> {
+        let appends = parts.into_iter().map(|(partition, bytes)| async move {
+            (
+                partition,
+                self.produce_partition(topic, partition, bytes).await,
+            )
+        });
+        join_all(appends).await
+    }
+
+    async fn produce_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        bytes: Bytes,
+    ) -> Result<(u64, u64), ApiError> {
+        let log = self.log(topic, partition)?;
+        let batches = split_batches(&bytes, self.config.max_batch_records)?;
+        let ticket = log
+            .append(&batches, now_ms())
+            .await
+            .map_err(storage_to_api)?;
+        ticket.durable().await.map_err(storage_to_api)
+    }
+
+    /// Produces to any partitions: local ones here, the rest forwarded to their owners.
+    pub async fn produce(&self, topic: &str, parts: Vec<(u32, Bytes)>) -> Vec<PartitionOutcome> {
+        let partitions = self.topic_partitions(topic);
+        let mut by_shard: HashMap<usize, Vec<(u32, Bytes)>> = HashMap::new();
+        let mut outcomes = Vec::with_capacity(parts.len());
+        for (partition, bytes) in parts {
+            match partitions {
+                None => outcomes.push((partition, Err(unknown_topic(topic)))),
+                Some(n) if partition >= n => outcomes.push((
+                    partition,
+                    Err(ApiError::new(
+                        ErrorCode::UnknownPartition,
+                        format!("topic '{topic}' has {n} partitions; {partition} does not exist"),
+                    )),
+                )),
+                Some(_) => by_shard
+                    .entry(owner_of(topic, partition, self.count))
+                    .or_default()
+                    .push((partition, bytes)),
+            }
+        }
+        let groups = by_shard.into_iter().map(|(shard, parts)| async move {
+            if shard == self.id {
+                return self.produce_local(topic, parts).await;
+            }
+            let ids: Vec<u32> = parts.iter().map(|(p, _)| *p).collect();
+            let (reply, rx) = oneshot::channel();
+            let msg = ShardMessage::Produce {
+                topic: topic.to_string(),
+                parts,
+                reply,
+            };
+            let result = match self.send_to(shard, msg).await {
+                Ok(()) => rx.await.map_err(|_| shard_gone(shard)),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(outcomes) => outcomes,
+                Err(e) => ids.into_iter().map(|p| (p, Err(e.clone()))).collect(),
+            }
+        });
+        for group in join_all(groups).await {
+            outcomes.extend(group);
+        }
+        outcomes
+    }
+
+    // ------------------------------------------------------------------ fetch
+
+    /// Reads from a partition this shard owns.
+    pub async fn fetch_local(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<FetchedData, ApiError> {
+        let log = self.log(topic, partition)?;
+        let max_bytes = (max_bytes as usize).clamp(1, self.config.max_fetch_bytes);
+        let wait = Duration::from_millis(u64::from(max_wait_ms.min(self.config.max_fetch_wait_ms)));
+        match log.fetch(offset, max_bytes, wait).await {
+            Err(StorageError::OffsetOutOfRange {
+                log_start_offset,
+                high_watermark,
+                ..
+            }) => Ok(FetchedData {
+                high_watermark,
+                log_start_offset,
+                batches: Vec::new(),
+                out_of_range: true,
+            }),
+            other => other.map_err(storage_to_api),
+        }
+    }
+
+    /// Reads from any partition, forwarding to its owner if needed.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<FetchedData, ApiError> {
+        let Some(partitions) = self.topic_partitions(topic) else {
+            return Err(unknown_topic(topic));
+        };
+        if partition >= partitions {
+            return Err(ApiError::new(
+                ErrorCode::UnknownPartition,
+                format!("topic '{topic}' has {partitions} partitions; {partition} does not exist"),
+            ));
+        }
+        let owner = owner_of(topic, partition, self.count);
+        if owner == self.id {
+            return self
+                .fetch_local(topic, partition, offset, max_bytes, max_wait_ms)
+                .await;
+        }
+        let (reply, rx) = oneshot::channel();
+        let msg = ShardMessage::Fetch {
+            topic: topic.to_string(),
+            partition,
+            offset,
+            max_bytes,
+            max_wait_ms,
+            reply,
+        };
+        self.send_to(owner, msg).await?;
+        rx.await.map_err(|_| shard_gone(owner))?
+    }
+
+    // ------------------------------------------------------------------ topics
+
+    /// Creates or deletes a topic broker-wide. Runs on shard 0, which saves the new list and
+    /// then applies the change on every shard before answering.
+    pub async fn change_topic(&self, change: TopicChange) -> Result<(), ApiError> {
+        if self.id != 0 {
+            let (reply, rx) = oneshot::channel();
+            self.send_to(0, ShardMessage::ChangeTopic { change, reply })
+                .await?;
+            return rx.await.map_err(|_| shard_gone(0))?;
+        }
+        let _permit = self
+            .topic_changes
+            .acquire_permit(1)
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::ShuttingDown, "broker is shutting down"))?;
+        let mut topics = self.topics();
+        match &change {
+            TopicChange::Created { name, partitions } => {
+                if topics.contains_key(name) {
+                    return Err(ApiError::new(
+                        ErrorCode::TopicAlreadyExists,
+                        format!("topic '{name}' already exists"),
+                    ));
+                }
+                topics.insert(name.clone(), *partitions);
+            }
+            TopicChange::Deleted { name } => {
+                if topics.remove(name).is_none() {
+                    return Err(unknown_topic(name));
+                }
+            }
+        }
+        let store = MetadataStore::new(&self.config.data_dir);
+        glommio::executor()
+            .spawn_blocking(move || store.save(&topics))
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::StorageError, e))?;
+        let applies = (0..self.count).map(|shard| {
+            let change = change.clone();
+            async move {
+                if shard == self.id {
+                    return self.apply_topic_change(change).await;
+                }
+                let (reply, rx) = oneshot::channel();
+                self.send_to(shard, ShardMessage::ApplyTopic { change, reply })
+                    .await?;
+                rx.await.map_err(|_| shard_gone(shard))?
+            }
+        });
+        for result in join_all(applies).await {
+            result?;
+        }
+        if let TopicChange::Deleted { name } = &change {
+            let dir = self.config.data_dir.join("topics").join(name);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        Ok(())
+    }
+
+    /// Applies a topic change to this shard's state: opens or closes the logs it owns.
+    pub async fn apply_topic_change(&self, change: TopicChange) -> Result<(), ApiError> {
+        match change {
+            TopicChange::Created { name, partitions } => {
+                for partition in 0..partitions {
+                    if owner_of(&name, partition, self.count) != self.id {
+                        continue;
+                    }
+                    let dir = partition_dir(&self.config.data_dir, &name, partition);
+                    let log = PartitionLog::open(&dir, Rc::clone(&self.log_config))
+                        .await
+                        .map_err(storage_to_api)?;
+                    self.logs
+                        .borrow_mut()
+                        .insert((name.clone(), partition), log);
+                }
+                self.topics.borrow_mut().insert(name, partitions);
+            }
+            TopicChange::Deleted { name } => {
+                self.topics.borrow_mut().remove(&name);
+                let owned: Vec<_> = {
+                    let mut logs = self.logs.borrow_mut();
+                    let keys: Vec<_> = logs.keys().filter(|(t, _)| *t == name).cloned().collect();
+                    keys.into_iter().filter_map(|k| logs.remove(&k)).collect()
+                };
+                for log in owned {
+                    log.close().await;
+                    let _ = std::fs::remove_dir_all(log.dir());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops accepting appends on every owned log and waits for their flushes.
+    pub async fn close_logs(&self) {
+        let logs: Vec<_> = self.logs.borrow().values().cloned().collect();
+        join_all(logs.iter().map(|log| log.close())).await;
+    }
+}
+
+/// Splits the bytes of one partition's produce into whole, validated batches.
+fn split_batches(bytes: &Bytes, max_records: u32) -> Result<Vec<Bytes>, ApiError> {
+    let mut batches = Vec::new();
+    let mut at = 0usize;
+    while at < bytes.len() {
+        let batch = Batch::validate(&bytes[at..], max_records).map_err(|e| {
+            ApiError::new(
+                ErrorCode::CorruptBatch,
+                format!("batch at byte {at} of the request: {e}"),
+            )
+        })?;
+        let len = batch.as_bytes().len();
+        batches.push(bytes.slice(at..at + len));
+        at += len;
+    }
+    if batches.is_empty() {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "produce carries no record batch",
+        ));
+    }
+    Ok(batches)
+}
+
+fn unknown_topic(topic: &str) -> ApiError {
+    ApiError::new(
+        ErrorCode::UnknownTopic,
+        format!("topic '{topic}' does not exist"),
+    )
+}
+
+fn shard_gone(shard: usize) -> ApiError {
+    ApiError::new(
+        ErrorCode::ShardUnavailable,
+        format!("shard {shard} dropped the request"),
+    )
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Removes the data of topics that are no longer in the metadata (a delete that crashed
+/// half-way). Runs on shard 0 at start, before any log is opened.
+fn remove_unknown_topic_dirs(config: &BrokerConfig, topics: &TopicMap) {
+    let Ok(entries) = std::fs::read_dir(config.data_dir.join("topics")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !topics.contains_key(&name) {
+            eprintln!("corebus: removing data of deleted topic '{name}'");
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}

@@ -1,0 +1,108 @@
+//! Command-line parsing and the subcommands of the `corebus` binary.
+
+mod consume;
+mod publish;
+mod serve;
+mod topic;
+
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use clap::{Parser, Subcommand};
+use corebus::client::{Client, ClientOptions};
+
+/// corebus: a thread-per-core pub/sub message broker.
+#[derive(Parser, Debug)]
+#[command(name = "corebus", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options every client subcommand takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Broker address (any shard's port; the client finds the others).
+    #[arg(
+        long,
+        env = "COREBUS_ADDR",
+        default_value = "127.0.0.1:7070",
+        global = true
+    )]
+    addr: String,
+    /// Send every request to --addr and let the broker forward it, instead of straight to
+    /// the shard that owns the partition.
+    #[arg(long, global = true)]
+    no_direct: bool,
+}
+
+impl ClientArgs {
+    async fn connect(&self) -> Result<Rc<Client>, String> {
+        let options = ClientOptions {
+            shard_aware: !self.no_direct,
+            ..ClientOptions::default()
+        };
+        Client::connect(&self.addr, options)
+            .await
+            .map(Rc::new)
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the broker.
+    Serve(serve::ServeArgs),
+    /// Create, list and delete topics.
+    Topic {
+        #[command(subcommand)]
+        command: topic::TopicCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Publish each line of stdin as one message.
+    Publish(publish::PublishArgs),
+    /// Print messages of a topic.
+    Consume(consume::ConsumeArgs),
+}
+
+/// Runs the parsed command.
+pub fn run(cli: Cli) -> Result<ExitCode, String> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args),
+        Command::Topic { command, client } => client_block_on(topic::run(command, client)),
+        Command::Publish(args) => client_block_on(publish::run(args)),
+        Command::Consume(args) => client_block_on(consume::run(args)),
+    }
+}
+
+fn client_block_on<F>(fut: F) -> Result<ExitCode, String>
+where
+    F: std::future::Future<Output = Result<ExitCode, String>> + 'static,
+{
+    corebus::runtime::block_on(None, fut)?
+}
+
+/// Parses durations like `500ms`, `3s`, `2m`, `1h`, `7d` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration (e.g. 500ms, 3s, 2m)"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        "d" => value * 86400.0,
+        _ => return Err(format!("'{text}': unknown unit '{unit}' (ms, s, m, h, d)")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(format!("'{text}' is not a valid duration"));
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
+}

@@ -1,0 +1,162 @@
+//! `corebus publish`: each stdin line becomes one message.
+
+use std::io::{BufRead, Write};
+use std::process::ExitCode;
+use std::rc::Rc;
+
+use corebus::broker::shard::{fnv1a_64, now_ms};
+use corebus::client::{Producer, ProducerOptions};
+use corebus::record::RecordWriter;
+use futures::channel::oneshot;
+use glommio::channels::local_channel;
+
+use super::ClientArgs;
+
+/// Lines read from stdin per blocking read at most.
+const LINES_PER_READ: usize = 4096;
+
+/// Options of `corebus publish`.
+#[derive(clap::Args, Debug)]
+pub struct PublishArgs {
+    /// Topic to publish to.
+    topic: String,
+    /// Message key (also picks the partition by hash).
+    #[arg(long)]
+    key: Option<String>,
+    /// Publish every message to this partition.
+    #[arg(long)]
+    partition: Option<u32>,
+    /// Print `LINE PARTITION OFFSET` (0-based stdin line) for each acknowledged message.
+    #[arg(long)]
+    print_acks: bool,
+    /// Records per batch at most.
+    #[arg(long, default_value_t = 1000)]
+    batch_records: u32,
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+/// Reads whatever whole lines stdin has (at least one, or none at end of input), off the
+/// executor so that acknowledgements keep flowing while stdin blocks.
+async fn read_lines(mut lock: StdinReader) -> (StdinReader, Result<Vec<String>, String>) {
+    glommio::executor()
+        .spawn_blocking(move || {
+            let mut lines = Vec::new();
+            loop {
+                let mut line = String::new();
+                match lock.read_line(&mut line) {
+                    Ok(0) => break,
+                    Ok(_) => {
+                        if line.ends_with('\n') {
+                            line.pop();
+                            if line.ends_with('\r') {
+                                line.pop();
+                            }
+                        }
+                        lines.push(line);
+                    }
+                    Err(e) => return (lock, Err(format!("reading stdin: {e}"))),
+                }
+                if lines.len() >= LINES_PER_READ || lock.buffer().is_empty() {
+                    break;
+                }
+            }
+            (lock, Ok(lines))
+        })
+        .await
+}
+
+/// Stdin with a buffer we can look into (to take only the lines already there).
+type StdinReader = std::io::BufReader<std::io::Stdin>;
+
+type AckReceiver = oneshot::Receiver<Result<u64, corebus::client::ClientError>>;
+
+/// Runs `corebus publish`.
+pub async fn run(args: PublishArgs) -> Result<ExitCode, String> {
+    let client = args.client.connect().await?;
+    let partitions = client
+        .partition_count(&args.topic)
+        .await
+        .map_err(|e| format!("topic '{}': {e}", args.topic))?;
+    if partitions == 0 {
+        return Err(format!("topic '{}' does not exist", args.topic));
+    }
+    if let Some(p) = args.partition {
+        if p >= partitions {
+            return Err(format!(
+                "topic '{}' has {partitions} partitions; {p} does not exist",
+                args.topic
+            ));
+        }
+    }
+    let options = ProducerOptions {
+        batch_max_records: args.batch_records.max(1),
+        ..ProducerOptions::default()
+    };
+    let mut producer = Producer::new(Rc::clone(&client), &args.topic, options);
+    let (to_printer, acks) = local_channel::new_bounded::<(u64, u32, AckReceiver)>(1 << 16);
+    let print = args.print_acks;
+    let printer = glommio::spawn_local(async move {
+        let mut failed = 0u64;
+        let stdout = std::io::stdout();
+        while let Some((line, partition, ack)) = acks.recv().await {
+            match ack.await {
+                Ok(Ok(offset)) if print => {
+                    let mut out = stdout.lock();
+                    let _ = writeln!(out, "{line} {partition} {offset}");
+                    let _ = out.flush();
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    failed += 1;
+                    eprintln!("corebus: line {line} not acknowledged: {e}");
+                }
+                Err(_) => {
+                    failed += 1;
+                    eprintln!("corebus: line {line} not acknowledged: request dropped");
+                }
+            }
+        }
+        failed
+    });
+    let key_partition = args
+        .key
+        .as_ref()
+        .map(|k| (fnv1a_64(k.as_bytes()) % u64::from(partitions)) as u32);
+    let mut line_no = 0u64;
+    let mut stdin = StdinReader::with_capacity(1 << 16, std::io::stdin());
+    loop {
+        let (reader, lines) = read_lines(stdin).await;
+        stdin = reader;
+        let lines = lines?;
+        if lines.is_empty() {
+            break;
+        }
+        for value in &lines {
+            let partition = args
+                .partition
+                .or(key_partition)
+                .unwrap_or((line_no % u64::from(partitions)) as u32);
+            let record = RecordWriter {
+                timestamp_ms: now_ms(),
+                key: args.key.as_deref().map(str::as_bytes),
+                value: value.as_bytes(),
+                ..RecordWriter::default()
+            };
+            let ack = producer.send(partition, &record).await;
+            if to_printer.send((line_no, partition, ack)).await.is_err() {
+                return Err("acknowledgement printer stopped".into());
+            }
+            line_no += 1;
+        }
+        producer.flush().await;
+    }
+    producer.flush().await;
+    drop(to_printer);
+    let failed = printer.await;
+    if failed > 0 {
+        eprintln!("corebus: {failed} of {line_no} messages were not acknowledged");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}

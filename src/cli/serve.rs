@@ -1,0 +1,52 @@
+//! `corebus serve`: run the broker.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use corebus::broker::{self, BrokerConfig};
+use corebus::storage::Durability;
+
+/// Options of `corebus serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Directory for topics, logs and the superblock (created if missing).
+    #[arg(long, default_value = "./corebus-data")]
+    data_dir: PathBuf,
+    /// Public address; shard i also listens on port+1+i.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Number of shards (one pinned executor each); defaults to the number of CPUs.
+    #[arg(long)]
+    shards: Option<usize>,
+    /// When produces are acknowledged.
+    #[arg(long, value_enum, default_value = "sync")]
+    durability: Durability,
+    /// Largest accepted frame, in bytes.
+    #[arg(long, default_value_t = corebus::protocol::DEFAULT_MAX_FRAME_BYTES)]
+    max_frame_bytes: usize,
+    /// Requests one connection may have in flight before the broker stops reading from it.
+    #[arg(long, default_value_t = 256)]
+    max_inflight_per_connection: usize,
+    /// DMA buffer pool per shard, in MiB (glommio io_memory).
+    #[arg(long, default_value_t = 64)]
+    io_memory_mib: usize,
+    /// Recent data kept in memory per partition for readers, in MiB.
+    #[arg(long, default_value_t = 8)]
+    cache_mib_per_partition: usize,
+}
+
+/// Runs the broker until SIGTERM or SIGINT.
+pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
+    let mut config = BrokerConfig::new(args.data_dir, args.listen);
+    config.shards = args
+        .shards
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    config.durability = args.durability;
+    config.max_frame_bytes = args.max_frame_bytes;
+    config.max_inflight_per_connection = args.max_inflight_per_connection;
+    config.io_memory_bytes = args.io_memory_mib << 20;
+    config.cache_bytes_per_partition = args.cache_mib_per_partition << 20;
+    broker::run(config)?;
+    Ok(ExitCode::SUCCESS)
+}

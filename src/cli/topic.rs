@@ -1,0 +1,53 @@
+//! `corebus topic create|list|delete`.
+
+use std::process::ExitCode;
+
+use super::ClientArgs;
+
+/// Topic subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name: [A-Za-z0-9._-], up to 200 characters.
+        name: String,
+        /// Number of partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+    },
+    /// List topics and their partition counts.
+    List,
+    /// Delete a topic and all its data.
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+}
+
+/// Runs a topic subcommand.
+pub async fn run(command: TopicCommand, args: ClientArgs) -> Result<ExitCode, String> {
+    let client = args.connect().await?;
+    match command {
+        TopicCommand::Create { name, partitions } => {
+            client
+                .create_topic(&name, partitions)
+                .await
+                .map_err(|e| format!("creating topic '{name}': {e}"))?;
+            println!("created topic {name} with {partitions} partitions");
+        }
+        TopicCommand::List => {
+            let topics = client.list_topics().await.map_err(|e| e.to_string())?;
+            for (name, partitions) in topics {
+                println!("{name}\t{partitions}");
+            }
+        }
+        TopicCommand::Delete { name } => {
+            client
+                .delete_topic(&name)
+                .await
+                .map_err(|e| format!("deleting topic '{name}': {e}"))?;
+            println!("deleted topic {name}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,404 @@
+//! The shard-aware client: topics, metadata, produce and fetch.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use flatbuffers::FlatBufferBuilder;
+
+use super::connection::Connection;
+use super::ClientError;
+use crate::protocol::message::{finish_request, parse_response, ApiError};
+use crate::protocol::{wire, DEFAULT_MAX_FRAME_BYTES};
+
+/// How the client routes requests.
+#[derive(Clone, Debug)]
+pub struct ClientOptions {
+    /// Send each partition's requests to its owning shard's port (zero hops). When false,
+    /// everything goes to the bootstrap address and the broker forwards.
+    pub shard_aware: bool,
+    /// Largest reply frame accepted.
+    pub max_frame_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            shard_aware: true,
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+        }
+    }
+}
+
+/// Where one partition lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PartitionInfo {
+    /// The owning shard.
+    pub shard: u32,
+    /// That shard's own port.
+    pub port: u16,
+}
+
+/// What the metadata request returned.
+#[derive(Clone, Debug, Default)]
+pub struct Metadata {
+    /// (shard, port) of every shard.
+    pub shards: Vec<(u32, u16)>,
+    /// Each known topic's partitions, indexed by partition id.
+    pub topics: HashMap<String, Vec<PartitionInfo>>,
+}
+
+/// What a fetch returned.
+#[derive(Clone, Debug)]
+pub struct Fetched {
+    /// Next offset to be written.
+    pub high_watermark: u64,
+    /// Earliest stored offset.
+    pub log_start_offset: u64,
+    /// Whole batches (see `record::BatchIter`), sharing the reply frame.
+    pub batches: Bytes,
+}
+
+/// A connection to a corebus broker, routing by partition.
+pub struct Client {
+    bootstrap: Rc<Connection>,
+    options: ClientOptions,
+    shard_connections: RefCell<HashMap<u16, Rc<Connection>>>,
+    partitions: RefCell<HashMap<String, Vec<PartitionInfo>>>,
+}
+
+fn expect_body<T>(body: Option<T>, what: &str) -> Result<T, ClientError> {
+    body.ok_or_else(|| ClientError::Protocol(format!("reply carries no {what}")))
+}
+
+impl Client {
+    /// Connects to `addr` (`host:port`).
+    pub async fn connect(addr: &str, options: ClientOptions) -> Result<Self, ClientError> {
+        let resolved: SocketAddr = addr
+            .to_socket_addrs()
+            .map_err(|e| ClientError::Io(format!("resolving {addr}: {e}")))?
+            .next()
+            .ok_or_else(|| ClientError::Io(format!("{addr} resolves to no address")))?;
+        let bootstrap = Connection::connect(resolved, options.max_frame_bytes).await?;
+        Ok(Self {
+            bootstrap,
+            options,
+            shard_connections: RefCell::new(HashMap::new()),
+            partitions: RefCell::new(HashMap::new()),
+        })
+    }
+
+    /// The bootstrap connection.
+    pub fn bootstrap(&self) -> &Rc<Connection> {
+        &self.bootstrap
+    }
+
+    /// Creates a topic.
+    pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
+        self.bootstrap
+            .call(|id| {
+                let mut fbb = FlatBufferBuilder::with_capacity(128);
+                let name = fbb.create_string(name);
+                let body = wire::CreateTopicRequest::create(
+                    &mut fbb,
+                    &wire::CreateTopicRequestArgs {
+                        name: Some(name),
+                        partitions,
+                    },
+                );
+                finish_request(
+                    fbb,
+                    id,
+                    wire::RequestBody::CreateTopicRequest,
+                    body.as_union_value(),
+                )
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a topic and its data.
+    pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
+        self.bootstrap
+            .call(|id| {
+                let mut fbb = FlatBufferBuilder::with_capacity(128);
+                let name = fbb.create_string(name);
+                let body = wire::DeleteTopicRequest::create(
+                    &mut fbb,
+                    &wire::DeleteTopicRequestArgs { name: Some(name) },
+                );
+                finish_request(
+                    fbb,
+                    id,
+                    wire::RequestBody::DeleteTopicRequest,
+                    body.as_union_value(),
+                )
+            })
+            .await?;
+        self.partitions.borrow_mut().remove(name);
+        Ok(())
+    }
+
+    /// Lists (topic, partition count).
+    pub async fn list_topics(&self) -> Result<Vec<(String, u32)>, ClientError> {
+        let frame = self
+            .bootstrap
+            .call(|id| {
+                let mut fbb = FlatBufferBuilder::with_capacity(64);
+                let body =
+                    wire::ListTopicsRequest::create(&mut fbb, &wire::ListTopicsRequestArgs {});
+                finish_request(
+                    fbb,
+                    id,
+                    wire::RequestBody::ListTopicsRequest,
+                    body.as_union_value(),
+                )
+            })
+            .await?;
+        let response = parse_response(&frame)?;
+        let body = expect_body(response.body_as_list_topics_response(), "topic list")?;
+        Ok(body
+            .topics()
+            .iter()
+            .flatten()
+            .map(|t| (t.name().unwrap_or_default().to_string(), t.partitions()))
+            .collect())
+    }
+
+    /// Fetches metadata for `topics` (all topics if empty) and caches partition routes.
+    pub async fn metadata(&self, topics: &[&str]) -> Result<Metadata, ClientError> {
+        let frame = self
+            .bootstrap
+            .call(|id| {
+                let mut fbb = FlatBufferBuilder::with_capacity(256);
+                let names: Vec<_> = topics.iter().map(|t| fbb.create_string(t)).collect();
+                let names = fbb.create_vector(&names);
+                let body = wire::MetadataRequest::create(
+                    &mut fbb,
+                    &wire::MetadataRequestArgs {
+                        topics: Some(names),
+                    },
+                );
+                finish_request(
+                    fbb,
+                    id,
+                    wire::RequestBody::MetadataRequest,
+                    body.as_union_value(),
+                )
+            })
+            .await?;
+        let response = parse_response(&frame)?;
+        let body = expect_body(response.body_as_metadata_response(), "metadata")?;
+        let mut meta = Metadata {
+            shards: body
+                .shards()
+                .iter()
+                .flatten()
+                .map(|s| (s.shard(), s.port()))
+                .collect(),
+            topics: HashMap::new(),
+        };
+        for topic in body.topics().iter().flatten() {
+            let name = topic.name().unwrap_or_default().to_string();
+            if let Some(e) = ApiError::from_wire(topic.error()) {
+                if topics.len() == 1 {
+                    return Err(ClientError::Api(e));
+                }
+                continue;
+            }
+            let mut parts: Vec<_> = topic.partitions().iter().flatten().collect();
+            parts.sort_by_key(|p| p.partition());
+            let infos: Vec<_> = parts
+                .iter()
+                .map(|p| PartitionInfo {
+                    shard: p.shard(),
+                    port: p.port(),
+                })
+                .collect();
+            self.partitions
+                .borrow_mut()
+                .insert(name.clone(), infos.clone());
+            meta.topics.insert(name, infos);
+        }
+        Ok(meta)
+    }
+
+    /// Number of partitions of `topic` (from cached metadata, fetched on first use).
+    pub async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
+        if let Some(parts) = self.partitions.borrow().get(topic) {
+            return Ok(parts.len() as u32);
+        }
+        let meta = self.metadata(&[topic]).await?;
+        Ok(meta.topics.get(topic).map_or(0, |p| p.len() as u32))
+    }
+
+    /// The routes of `topic`'s partitions (from cached metadata, fetched on first use).
+    pub async fn partition_routes(&self, topic: &str) -> Result<Vec<PartitionInfo>, ClientError> {
+        self.partition_count(topic).await?;
+        Ok(self
+            .partitions
+            .borrow()
+            .get(topic)
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The connection to use for `(topic, partition)`.
+    pub async fn connection_for(
+        &self,
+        topic: &str,
+        partition: u32,
+    ) -> Result<Rc<Connection>, ClientError> {
+        if !self.options.shard_aware {
+            return Ok(Rc::clone(&self.bootstrap));
+        }
+        let routes = self.partition_routes(topic).await?;
+        let Some(route) = routes.get(partition as usize) else {
+            // Unknown partition: let the broker say so.
+            return Ok(Rc::clone(&self.bootstrap));
+        };
+        if let Some(conn) = self.shard_connections.borrow().get(&route.port) {
+            if !conn.is_closed() {
+                return Ok(Rc::clone(conn));
+            }
+        }
+        let addr = SocketAddr::new(self.bootstrap.addr().ip(), route.port);
+        let conn = Connection::connect(addr, self.options.max_frame_bytes).await?;
+        self.shard_connections
+            .borrow_mut()
+            .insert(route.port, Rc::clone(&conn));
+        Ok(conn)
+    }
+
+    /// Produces concatenated record `batches` to one partition; returns the offsets of the
+    /// first and last record once the broker acknowledged them.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        partition: u32,
+        batches: &[u8],
+    ) -> Result<(u64, u64), ClientError> {
+        let conn = self.connection_for(topic, partition).await?;
+        produce_on(&conn, topic, partition, batches).await
+    }
+
+    /// Fetches from one partition, starting with the batch that holds `offset`.
+    pub async fn fetch(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<Fetched, ClientError> {
+        let conn = self.connection_for(topic, partition).await?;
+        fetch_on(&conn, topic, partition, offset, max_bytes, max_wait_ms).await
+    }
+}
+
+/// Produces to one partition over a given connection.
+pub async fn produce_on(
+    conn: &Connection,
+    topic: &str,
+    partition: u32,
+    batches: &[u8],
+) -> Result<(u64, u64), ClientError> {
+    let frame = conn
+        .call(|id| {
+            let mut fbb = FlatBufferBuilder::with_capacity(256 + topic.len() + batches.len());
+            let data = fbb.create_vector(batches);
+            let part = wire::PartitionProduce::create(
+                &mut fbb,
+                &wire::PartitionProduceArgs {
+                    partition,
+                    batches: Some(data),
+                },
+            );
+            let parts = fbb.create_vector(&[part]);
+            let topic = fbb.create_string(topic);
+            let body = wire::ProduceRequest::create(
+                &mut fbb,
+                &wire::ProduceRequestArgs {
+                    topic: Some(topic),
+                    partitions: Some(parts),
+                },
+            );
+            finish_request(
+                fbb,
+                id,
+                wire::RequestBody::ProduceRequest,
+                body.as_union_value(),
+            )
+        })
+        .await?;
+    let response = parse_response(&frame)?;
+    let body = expect_body(response.body_as_produce_response(), "produce result")?;
+    let result = body
+        .partitions()
+        .iter()
+        .flatten()
+        .find(|p| p.partition() == partition)
+        .ok_or_else(|| ClientError::Protocol(format!("no result for partition {partition}")))?;
+    if let Some(e) = ApiError::from_wire(result.error()) {
+        return Err(ClientError::Api(e));
+    }
+    Ok((result.base_offset(), result.last_offset()))
+}
+
+/// Fetches from one partition over a given connection.
+pub async fn fetch_on(
+    conn: &Connection,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    max_bytes: u32,
+    max_wait_ms: u32,
+) -> Result<Fetched, ClientError> {
+    let frame = conn
+        .call(|id| {
+            let mut fbb = FlatBufferBuilder::with_capacity(128 + topic.len());
+            let topic = fbb.create_string(topic);
+            let body = wire::FetchRequest::create(
+                &mut fbb,
+                &wire::FetchRequestArgs {
+                    topic: Some(topic),
+                    partition,
+                    offset,
+                    max_bytes,
+                    max_wait_ms,
+                },
+            );
+            finish_request(
+                fbb,
+                id,
+                wire::RequestBody::FetchRequest,
+                body.as_union_value(),
+            )
+        })
+        .await?;
+    let response = parse_response(&frame)?;
+    let body = expect_body(response.body_as_fetch_response(), "fetch result")?;
+    if let Some(e) = ApiError::from_wire(body.error()) {
+        if e.code == wire::ErrorCode::OffsetOutOfRange {
+            return Err(ClientError::OffsetOutOfRange {
+                requested: offset,
+                log_start_offset: body.log_start_offset(),
+                high_watermark: body.high_watermark(),
+            });
+        }
+        return Err(ClientError::Api(e));
+    }
+    let batches = body.batches().map(|v| v.bytes()).unwrap_or_default();
+    let batches = if batches.is_empty() {
+        Bytes::new()
+    } else {
+        frame.slice_ref(batches)
+    };
+    Ok(Fetched {
+        high_watermark: body.high_watermark(),
+        log_start_offset: body.log_start_offset(),
+        batches,
+    })
+}

@@ -1,0 +1,17 @@
+//! corebus: a thread-per-core pub/sub message broker on io_uring.
+//!
+//! Layers, each in its own module and each knowing only the ones below it:
+//! - [`record`]: the record-batch byte layout (CRC32C'd batches of records).
+//! - [`protocol`]: length-prefixed FlatBuffers frames (schema/corebus.fbs).
+//! - [`storage`]: partition logs on direct-I/O files with group commit and recovery.
+//! - [`broker`]: shards, the shard mesh, the network front and request handlers.
+//! - [`client`]: the shard-aware Rust client used by the CLI and the load generator.
+
+#![warn(missing_docs)]
+
+pub mod broker;
+pub mod client;
+pub mod protocol;
+pub mod record;
+pub mod runtime;
+pub mod storage;

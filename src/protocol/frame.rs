@@ -1,0 +1,168 @@
+//! Frames: a little-endian `u32` length, then that many bytes of FlatBuffers.
+//!
+//! [`FrameReader`] turns a byte stream into whole frames, checking the length prefix against
+//! the configured maximum before it allocates anything for the frame.
+
+use bytes::{Bytes, BytesMut};
+use futures_lite::{AsyncRead, AsyncReadExt};
+
+/// Bytes asked of the socket per read when the buffer has less spare room.
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+/// Why a frame could not be read.
+#[derive(Debug)]
+pub enum FrameError {
+    /// The length prefix announces more than the maximum frame size.
+    TooLarge {
+        /// The announced length.
+        len: usize,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The peer closed the connection in the middle of a frame.
+    UnexpectedEof,
+    /// The socket failed.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for FrameError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::TooLarge { len, max } => {
+                write!(f, "frame of {len} bytes exceeds the maximum of {max} bytes")
+            }
+            Self::UnexpectedEof => write!(f, "connection closed in the middle of a frame"),
+            Self::Io(e) => write!(f, "socket read failed: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for FrameError {}
+
+/// Reads whole frames from a byte stream. Each frame comes back as [`Bytes`] that shares the
+/// read buffer, so record batches inside it can be kept without copying.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    max_frame_bytes: usize,
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Wraps `inner`; frames longer than `max_frame_bytes` are refused.
+    pub fn new(inner: R, max_frame_bytes: usize) -> Self {
+        Self {
+            inner,
+            buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            max_frame_bytes,
+        }
+    }
+
+    /// The next whole frame, length prefix included (FlatBuffers alignment is relative to the
+    /// start of the prefix: a frame is a "size-prefixed" buffer), or `None` at a clean end of
+    /// stream.
+    pub async fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
+        loop {
+            if self.buf.len() >= 4 {
+                let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize;
+                if len > self.max_frame_bytes {
+                    return Err(FrameError::TooLarge {
+                        len,
+                        max: self.max_frame_bytes,
+                    });
+                }
+                if self.buf.len() >= 4 + len {
+                    return Ok(Some(self.buf.split_to(4 + len).freeze()));
+                }
+                self.buf.reserve(4 + len - self.buf.len());
+            }
+            let start = self.buf.len();
+            let spare = (self.buf.capacity() - start).max(READ_CHUNK_BYTES);
+            self.buf.resize(start + spare, 0);
+            let read = self.inner.read(&mut self.buf[start..]).await;
+            let n = match read {
+                Ok(n) => n,
+                Err(e) => {
+                    self.buf.truncate(start);
+                    return Err(FrameError::Io(e));
+                }
+            };
+            self.buf.truncate(start + n);
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::UnexpectedEof)
+                };
+            }
+        }
+    }
+
+    /// True when part of a frame has been read but not the whole of it.
+    pub fn has_partial_frame(&self) -> bool {
+        !self.buf.is_empty()
+    }
+}
+
+/// A finished frame ready to write: a FlatBuffers builder's buffer whose bytes from `head`
+/// are the length prefix and the message. Moving it to the writer copies nothing.
+pub struct OutFrame {
+    buf: Vec<u8>,
+    head: usize,
+}
+
+impl OutFrame {
+    /// Takes the finished (size-prefixed) buffer out of a builder.
+    pub fn from_builder(builder: flatbuffers::FlatBufferBuilder<'_>) -> Self {
+        let (buf, head) = builder.collapse();
+        Self { buf, head }
+    }
+    /// The bytes to put on the wire.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.head..]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+        futures_lite::future::block_on(f)
+    }
+
+    #[test]
+    fn splits_a_stream_into_frames() {
+        let mut wire = Vec::new();
+        for payload in [&b"one"[..], b"", b"three"] {
+            wire.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+            wire.extend_from_slice(payload);
+        }
+        let mut reader = FrameReader::new(futures_lite::io::Cursor::new(wire), 1024);
+        run(async {
+            assert_eq!(&reader.next_frame().await.unwrap().unwrap()[4..], b"one");
+            assert_eq!(&reader.next_frame().await.unwrap().unwrap()[4..], b"");
+            assert_eq!(&reader.next_frame().await.unwrap().unwrap()[4..], b"three");
+            assert!(reader.next_frame().await.unwrap().is_none());
+        });
+    }
+
+    #[test]
+    fn refuses_oversized_length_before_reading_it() {
+        let wire = u32::MAX.to_le_bytes().to_vec();
+        let mut reader = FrameReader::new(futures_lite::io::Cursor::new(wire), 1024);
+        let err = run(reader.next_frame()).unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge { len, max: 1024 } if len == u32::MAX as usize));
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error() {
+        let mut wire = 10u32.to_le_bytes().to_vec();
+        wire.extend_from_slice(b"abc");
+        let mut reader = FrameReader::new(futures_lite::io::Cursor::new(wire), 1024);
+        assert!(matches!(
+            run(reader.next_frame()),
+            Err(FrameError::UnexpectedEof)
+        ));
+    }
+}

@@ -1,0 +1,32 @@
+//! Storage: partition logs on direct-I/O files and the data directory's superblock.
+//! Owns every byte on disk; knows nothing of sockets or the wire protocol.
+
+pub mod dma;
+pub mod error;
+pub mod partition_log;
+pub mod superblock;
+
+pub use error::StorageError;
+pub use partition_log::{AppendTicket, FetchedData, LogConfig, PartitionLog};
+
+/// When a produce is acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Durability {
+    /// After the batch is written with O_DIRECT and `fdatasync`ed (survives power loss).
+    Sync,
+    /// After the O_DIRECT write completes (survives a process crash, not a power cut).
+    Write,
+    /// On append to memory (benchmarks only: a crash loses acknowledged data).
+    None,
+}
+
+impl Durability {
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sync => "sync",
+            Self::Write => "write",
+            Self::None => "none",
+        }
+    }
+}
