@@ -15,6 +15,8 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// Number of shards (executors), each pinned to its own core when there are enough.
     pub shards: usize,
+    /// The CPUs to pin shards to, one per shard; `None` spreads them over all CPUs.
+    pub cpus: Option<Vec<usize>>,
     /// When produces are acknowledged.
     pub durability: Durability,
     /// Largest accepted frame; the length prefix is checked before any allocation.
@@ -46,6 +48,7 @@ impl BrokerConfig {
             data_dir,
             listen,
             shards: 1,
+            cpus: None,
             durability: Durability::Sync,
             max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
             max_batch_records: 100_000,
@@ -99,6 +102,15 @@ impl BrokerConfig {
                 "max I/O size must be a multiple of 4096, got {}",
                 self.max_io_bytes
             ));
+        }
+        if let Some(cpus) = &self.cpus {
+            if cpus.len() != self.shards {
+                return Err(format!(
+                    "--cpus lists {} CPUs for {} shards: give one CPU per shard",
+                    cpus.len(),
+                    self.shards
+                ));
+            }
         }
         if self.max_inflight_per_connection == 0 {
             return Err("--max-inflight-per-connection must be at least 1".into());

@@ -58,7 +58,18 @@ pub fn run(config: BrokerConfig) -> Result<(), String> {
     superblock::ensure(&config.data_dir).map_err(|e| e.to_string())?;
     install_signal_handlers();
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
-    let placement = if config.shards <= cpus {
+    let placement = if let Some(list) = &config.cpus {
+        let online = glommio::CpuSet::online().map_err(|e| format!("reading the CPU list: {e}"))?;
+        let mut sets = Vec::with_capacity(list.len());
+        for &cpu in list {
+            let set = online.clone().filter(|l| l.cpu == cpu);
+            if set.is_empty() {
+                return Err(format!("--cpus: CPU {cpu} is not online"));
+            }
+            sets.push(set);
+        }
+        PoolPlacement::Custom(sets)
+    } else if config.shards <= cpus {
         PoolPlacement::MaxSpread(config.shards, None)
     } else {
         eprintln!(

@@ -19,6 +19,9 @@ pub struct ServeArgs {
     /// Number of shards (one pinned executor each); defaults to the number of CPUs.
     #[arg(long)]
     shards: Option<usize>,
+    /// Pin shards to these CPUs, one per shard (e.g. 0,1); default: spread over all CPUs.
+    #[arg(long, value_delimiter = ',')]
+    cpus: Option<Vec<usize>>,
     /// When produces are acknowledged.
     #[arg(long, value_enum, default_value = "sync")]
     durability: Durability,
@@ -42,6 +45,12 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
     config.shards = args
         .shards
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
+    config.cpus = args.cpus;
+    if let Some(cpus) = &config.cpus {
+        if args.shards.is_none() {
+            config.shards = cpus.len();
+        }
+    }
     config.durability = args.durability;
     config.max_frame_bytes = args.max_frame_bytes;
     config.max_inflight_per_connection = args.max_inflight_per_connection;
