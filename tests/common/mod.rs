@@ -1,0 +1,264 @@
+//! Test harness: the real `corebus` binary on real ports with a real data directory.
+//!
+//! Every wait has a deadline and polls a condition; nothing sleeps and hopes.
+
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The broker binary under test.
+pub const COREBUS: &str = env!("CARGO_BIN_EXE_corebus");
+
+/// How long a broker may take to start.
+const START_DEADLINE: Duration = Duration::from_secs(20);
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh directory on the real disk (not tmpfs: O_DIRECT needs a real filesystem).
+pub fn fresh_dir(name: &str) -> PathBuf {
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{name}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+/// A port `p` such that `p..=p+span` can all be bound right now.
+fn free_port_span(span: u16) -> u16 {
+    for _ in 0..200 {
+        let first = TcpListener::bind("127.0.0.1:0").expect("bind :0");
+        let p = first.local_addr().expect("addr").port();
+        drop(first);
+        if p > 60000 {
+            continue;
+        }
+        let all_free = (0..=span).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok());
+        if all_free {
+            return p;
+        }
+    }
+    panic!("no free port span found");
+}
+
+/// Polls `cond` until it holds or `deadline` passes.
+pub fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !cond() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A running broker process.
+pub struct Broker {
+    child: Option<Child>,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Public port; shard i is on port + 1 + i.
+    pub port: u16,
+    /// Number of shards.
+    pub shards: u16,
+    extra: Vec<String>,
+    log: PathBuf,
+    starts: u32,
+}
+
+impl Broker {
+    /// Starts a broker with `shards` shards on a fresh data directory.
+    pub fn start(name: &str, shards: u16, extra: &[&str]) -> Self {
+        let data_dir = fresh_dir(name);
+        let mut broker = Self {
+            child: None,
+            log: data_dir.with_extension("log"),
+            data_dir,
+            port: 0,
+            shards,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            starts: 0,
+        };
+        broker.launch_on_free_port();
+        broker
+    }
+
+    fn launch_on_free_port(&mut self) {
+        for _ in 0..5 {
+            self.port = free_port_span(self.shards + 1);
+            if self.launch() {
+                return;
+            }
+        }
+        panic!("broker did not start: {}", self.log_text());
+    }
+
+    /// Starts the process; true once it printed its ready line, false if it exited.
+    fn launch(&mut self) -> bool {
+        self.starts += 1;
+        let log = std::fs::File::create(&self.log).expect("log file");
+        let child = Command::new(COREBUS)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--shards")
+            .arg(self.shards.to_string())
+            .arg("--io-memory-mib")
+            .arg("16")
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn corebus serve");
+        self.child = Some(child);
+        let end = Instant::now() + START_DEADLINE;
+        loop {
+            if self.log_text().contains("corebus ready") {
+                return true;
+            }
+            if let Some(child) = self.child.as_mut() {
+                if let Ok(Some(_)) = child.try_wait() {
+                    self.child = None;
+                    return false;
+                }
+            }
+            assert!(
+                Instant::now() < end,
+                "broker did not become ready: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Everything the broker wrote to stderr since its last start.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `127.0.0.1:port` of the public port.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `127.0.0.1:port` of shard `i`'s own port.
+    pub fn shard_addr(&self, i: u16) -> String {
+        format!("127.0.0.1:{}", self.port + 1 + i)
+    }
+
+    /// SIGKILLs the broker and waits for it to be gone.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERMs the broker and waits (with a deadline) for a clean exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("broker running");
+        // SAFETY: sending a signal to our own child process.
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < end, "broker did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Starts the broker again on the same data directory and ports.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop the broker first");
+        let end = Instant::now() + Duration::from_secs(20);
+        while !self.launch() {
+            assert!(
+                Instant::now() < end,
+                "broker did not restart: {}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// True while the process runs.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Runs the CLI against this broker's public port.
+    pub fn cli(&self, args: &[&str], stdin: &str) -> Output {
+        cli_at(&self.addr(), args, stdin)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.kill9();
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+/// Runs `corebus ARGS` with `COREBUS_ADDR=addr`, feeding `stdin`.
+pub fn cli_at(addr: &str, args: &[&str], stdin: &str) -> Output {
+    let mut child = Command::new(COREBUS)
+        .args(args)
+        .env("COREBUS_ADDR", addr)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn corebus cli");
+    let mut input = child.stdin.take().expect("stdin");
+    let text = stdin.to_string();
+    let feeder = std::thread::spawn(move || {
+        let _ = input.write_all(text.as_bytes());
+    });
+    let out = child.wait_with_output().expect("cli output");
+    let _ = feeder.join();
+    out
+}
+
+/// Asserts the command succeeded and returns its stdout.
+pub fn ok_stdout(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "command failed: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Sends one raw frame payload (length prefix added) and reads one reply frame (prefix
+/// included), or `None` if the broker closed the connection.
+pub fn raw_round_trip(stream: &mut TcpStream, payload: &[u8]) -> Option<Vec<u8>> {
+    let mut frame = (payload.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(payload);
+    stream.write_all(&frame).ok()?;
+    read_frame(stream)
+}
+
+/// Reads one whole frame (prefix included), `None` at end of stream.
+pub fn read_frame(stream: &mut TcpStream) -> Option<Vec<u8>> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).ok()?;
+    let n = u32::from_le_bytes(len) as usize;
+    let mut frame = len.to_vec();
+    frame.resize(4 + n, 0);
+    stream.read_exact(&mut frame[4..]).ok()?;
+    Some(frame)
+}
