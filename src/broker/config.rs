@@ -3,7 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use crate::storage::{Durability, LogConfig};
+use std::rc::Rc;
+
+use crate::storage::{Durability, FailureProbes, LogConfig};
 
 /// Everything `corebus serve` needs to run.
 #[derive(Clone, Debug)]
@@ -39,6 +41,22 @@ pub struct BrokerConfig {
     pub max_io_bytes: usize,
     /// Bytes a partition may have waiting for a flush before producers are held back.
     pub max_pending_bytes_per_partition: usize,
+    /// A segment rolls when it would grow past this size.
+    pub segment_bytes: u64,
+    /// A segment rolls when its first batch is older than this.
+    pub segment_ms: Option<u64>,
+    /// Disk space is preallocated in steps of this size.
+    pub preallocate_bytes: u64,
+    /// Bytes of log between two sparse index entries.
+    pub index_interval_bytes: u64,
+    /// Default retention by size per partition (topics may override).
+    pub retention_bytes: Option<u64>,
+    /// Default retention by age (topics may override).
+    pub retention_ms: Option<u64>,
+    /// How often retention is enforced.
+    pub retention_check_ms: u64,
+    /// How often each log's durable point and index are checkpointed.
+    pub checkpoint_interval_ms: u64,
 }
 
 impl BrokerConfig {
@@ -60,6 +78,14 @@ impl BrokerConfig {
             cache_bytes_per_partition: 8 << 20,
             max_io_bytes: 4 << 20,
             max_pending_bytes_per_partition: 64 << 20,
+            segment_bytes: 1 << 30,
+            segment_ms: None,
+            preallocate_bytes: 32 << 20,
+            index_interval_bytes: 4096,
+            retention_bytes: None,
+            retention_ms: None,
+            retention_check_ms: 5_000,
+            checkpoint_interval_ms: 1_000,
         }
     }
 
@@ -69,13 +95,19 @@ impl BrokerConfig {
     }
 
     /// The storage settings each partition log uses.
-    pub fn log_config(&self) -> LogConfig {
+    pub fn log_config(&self, probes: Rc<FailureProbes>) -> LogConfig {
         LogConfig {
             durability: self.durability,
             max_io_bytes: self.max_io_bytes,
             cache_bytes: self.cache_bytes_per_partition,
-            index_interval_bytes: 4096,
+            index_interval_bytes: self.index_interval_bytes,
             max_pending_bytes: self.max_pending_bytes_per_partition,
+            segment_bytes: self.segment_bytes,
+            segment_ms: self.segment_ms,
+            preallocate_bytes: self.preallocate_bytes,
+            retention_bytes: self.retention_bytes,
+            retention_ms: self.retention_ms,
+            probes,
         }
     }
 
@@ -111,6 +143,18 @@ impl BrokerConfig {
                     self.shards
                 ));
             }
+        }
+        if self.segment_bytes < 64 * 1024 || self.segment_bytes > (2 << 30) {
+            return Err(format!(
+                "--segment-bytes must be 64 KiB..=2 GiB (index positions are 32-bit), got {}",
+                self.segment_bytes
+            ));
+        }
+        if self.preallocate_bytes < 4096 {
+            return Err(format!(
+                "--preallocate-bytes must be at least 4096, got {}",
+                self.preallocate_bytes
+            ));
         }
         if self.max_inflight_per_connection == 0 {
             return Err("--max-inflight-per-connection must be at least 1".into());

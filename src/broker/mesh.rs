@@ -10,6 +10,7 @@ use futures::channel::oneshot;
 use futures::StreamExt;
 use glommio::channels::channel_mesh::Receivers;
 
+use super::metadata::TopicConfig;
 use super::shard::Shard;
 use crate::protocol::message::ApiError;
 use crate::storage::FetchedData;
@@ -25,8 +26,8 @@ pub enum TopicChange {
     Created {
         /// Topic name.
         name: String,
-        /// Partition count.
-        partitions: u32,
+        /// Its settings.
+        config: TopicConfig,
     },
     /// A topic was deleted, with its data.
     Deleted {

@@ -9,8 +9,40 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// Topic name → partition count.
-pub type TopicMap = BTreeMap<String, u32>;
+/// A topic's settings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TopicConfig {
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Retention by age; `None` uses the broker's default.
+    pub retention_ms: Option<u64>,
+    /// Retention by size per partition; `None` uses the broker's default.
+    pub retention_bytes: Option<u64>,
+}
+
+impl TopicConfig {
+    /// A topic with `partitions` partitions and the broker's default retention.
+    pub fn with_partitions(partitions: u32) -> Self {
+        Self {
+            partitions,
+            retention_ms: None,
+            retention_bytes: None,
+        }
+    }
+}
+
+/// Topic name → settings.
+pub type TopicMap = BTreeMap<String, TopicConfig>;
+
+/// Converts a wire value where -1 (any negative) means "not set".
+pub fn optional(value: i64) -> Option<u64> {
+    u64::try_from(value).ok()
+}
+
+/// Converts back to the wire: `None` is -1.
+pub fn to_wire(value: Option<u64>) -> i64 {
+    value.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
+}
 
 /// Longest topic name accepted.
 pub const MAX_TOPIC_NAME_LEN: usize = 200;
@@ -68,9 +100,16 @@ impl MetadataStore {
         for entry in list {
             let name = entry.get("name").and_then(|n| n.as_str());
             let partitions = entry.get("partitions").and_then(|p| p.as_u64());
+            let retention_ms = entry.get("retention_ms").and_then(|v| v.as_u64());
+            let retention_bytes = entry.get("retention_bytes").and_then(|v| v.as_u64());
             match (name, partitions) {
                 (Some(name), Some(p)) if p > 0 && p <= u64::from(u32::MAX) => {
-                    topics.insert(name.to_string(), p as u32);
+                    let config = TopicConfig {
+                        partitions: p as u32,
+                        retention_ms,
+                        retention_bytes,
+                    };
+                    topics.insert(name.to_string(), config);
                 }
                 _ => {
                     return Err(format!(
@@ -87,7 +126,14 @@ impl MetadataStore {
     pub fn save(&self, topics: &TopicMap) -> Result<(), String> {
         let list: Vec<serde_json::Value> = topics
             .iter()
-            .map(|(name, p)| serde_json::json!({"name": name, "partitions": p}))
+            .map(|(name, c)| {
+                serde_json::json!({
+                    "name": name,
+                    "partitions": c.partitions,
+                    "retention_ms": c.retention_ms,
+                    "retention_bytes": c.retention_bytes,
+                })
+            })
             .collect();
         let text = serde_json::json!({"format": 1, "topics": list}).to_string();
         let tmp = self.path.with_extension("json.tmp");

@@ -169,6 +169,7 @@ async fn run_shard(
         }
     };
     let mesh_task = glommio::spawn_local(mesh::serve_mesh(Rc::clone(&shard), receivers));
+    let maintenance = glommio::spawn_local(Rc::clone(&shard).run_maintenance());
     let accepts: Vec<_> = listeners
         .into_iter()
         .map(|l| glommio::spawn_local(server::accept_loop(Rc::clone(&shard), l)))
@@ -178,6 +179,7 @@ async fn run_shard(
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
     drop(accepts); // stop accepting
+    drop(maintenance);
     shard.close_logs().await;
     let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
     while shard.requests_in_flight() > 0 && std::time::Instant::now() < deadline {

@@ -17,11 +17,11 @@ use glommio::sync::Semaphore;
 
 use super::config::BrokerConfig;
 use super::mesh::{PartitionOutcome, ShardMessage, TopicChange};
-use super::metadata::{partition_dir, MetadataStore, TopicMap};
+use super::metadata::{partition_dir, MetadataStore, TopicConfig, TopicMap};
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
 use crate::record::Batch;
-use crate::storage::{FetchedData, LogConfig, PartitionLog, StorageError};
+use crate::storage::{FailureProbes, FetchedData, LogConfig, PartitionLog, StorageError};
 
 /// 64-bit FNV-1a of the topic name: the stable hash behind partition ownership.
 pub fn fnv1a_64(bytes: &[u8]) -> u64 {
@@ -58,7 +58,8 @@ pub struct Shard {
     pub count: usize,
     /// Broker settings.
     pub config: Arc<BrokerConfig>,
-    log_config: Rc<LogConfig>,
+    /// Fault injection for tests (empty in production).
+    probes: Rc<FailureProbes>,
     /// This shard's copy of the topic list, updated by messages from shard 0.
     topics: RefCell<TopicMap>,
     /// Partition logs this shard owns.
@@ -94,10 +95,14 @@ impl Shard {
         if id == 0 {
             remove_unknown_topic_dirs(&config, &topics);
         }
+        let probes = Rc::new(FailureProbes::from_env()?);
+        if !probes.is_empty() && id == 0 {
+            eprintln!("corebus: WARNING: failure probes are armed (COREBUS_FAILURE_PROBES): test use only");
+        }
         let shard = Rc::new(Self {
             id,
             count,
-            log_config: Rc::new(config.log_config()),
+            probes,
             config,
             topics: RefCell::new(TopicMap::new()),
             logs: RefCell::new(HashMap::new()),
@@ -105,9 +110,9 @@ impl Shard {
             topic_changes: Rc::new(Semaphore::new(1)),
             in_flight: Cell::new(0),
         });
-        for (name, partitions) in topics {
+        for (name, config) in topics {
             shard
-                .apply_topic_change(TopicChange::Created { name, partitions })
+                .apply_topic_change(TopicChange::Created { name, config })
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -127,7 +132,32 @@ impl Shard {
 
     /// Partition count of `topic`, if it exists.
     pub fn topic_partitions(&self, topic: &str) -> Option<u32> {
-        self.topics.borrow().get(topic).copied()
+        self.topics.borrow().get(topic).map(|c| c.partitions)
+    }
+
+    /// The storage settings of a topic's logs: the broker's, with the topic's overrides.
+    fn log_config(&self, topic: &TopicConfig) -> LogConfig {
+        let mut config = self.config.log_config(Rc::clone(&self.probes));
+        if topic.retention_ms.is_some() {
+            config.retention_ms = topic.retention_ms;
+        }
+        if topic.retention_bytes.is_some() {
+            config.retention_bytes = topic.retention_bytes;
+        }
+        config
+    }
+
+    /// Every log this shard owns.
+    pub fn logs(&self) -> Vec<Rc<PartitionLog>> {
+        self.logs.borrow().values().cloned().collect()
+    }
+
+    /// The log of a partition this shard owns, if it does.
+    pub fn owned_log(&self, topic: &str, partition: u32) -> Option<Rc<PartitionLog>> {
+        self.logs
+            .borrow()
+            .get(&(topic.to_string(), partition))
+            .cloned()
     }
 
     /// A snapshot of the topic list.
@@ -331,14 +361,14 @@ impl Shard {
             .map_err(|_| ApiError::new(ErrorCode::ShuttingDown, "broker is shutting down"))?;
         let mut topics = self.topics();
         match &change {
-            TopicChange::Created { name, partitions } => {
+            TopicChange::Created { name, config } => {
                 if topics.contains_key(name) {
                     return Err(ApiError::new(
                         ErrorCode::TopicAlreadyExists,
                         format!("topic '{name}' already exists"),
                     ));
                 }
-                topics.insert(name.clone(), *partitions);
+                topics.insert(name.clone(), *config);
             }
             TopicChange::Deleted { name } => {
                 if topics.remove(name).is_none() {
@@ -376,20 +406,27 @@ impl Shard {
     /// Applies a topic change to this shard's state: opens or closes the logs it owns.
     pub async fn apply_topic_change(&self, change: TopicChange) -> Result<(), ApiError> {
         match change {
-            TopicChange::Created { name, partitions } => {
-                for partition in 0..partitions {
+            TopicChange::Created { name, config } => {
+                let log_config = Rc::new(self.log_config(&config));
+                for partition in 0..config.partitions {
                     if owner_of(&name, partition, self.count) != self.id {
                         continue;
                     }
                     let dir = partition_dir(&self.config.data_dir, &name, partition);
-                    let log = PartitionLog::open(&dir, Rc::clone(&self.log_config))
+                    let log = PartitionLog::open(&dir, Rc::clone(&log_config))
                         .await
-                        .map_err(storage_to_api)?;
+                        .map_err(|e| {
+                            let e = storage_to_api(e);
+                            ApiError::new(
+                                e.code,
+                                format!("opening {name}/{partition}: {}", e.message),
+                            )
+                        })?;
                     self.logs
                         .borrow_mut()
                         .insert((name.clone(), partition), log);
                 }
-                self.topics.borrow_mut().insert(name, partitions);
+                self.topics.borrow_mut().insert(name, config);
             }
             TopicChange::Deleted { name } => {
                 self.topics.borrow_mut().remove(&name);
@@ -405,6 +442,36 @@ impl Shard {
             }
         }
         Ok(())
+    }
+
+    /// Background upkeep of the logs this shard owns, until the task is dropped: checkpoints
+    /// of the durable point (so that recovery after a crash scans little) and retention.
+    pub async fn run_maintenance(self: Rc<Self>) {
+        let checkpoint_every = Duration::from_millis(self.config.checkpoint_interval_ms.max(10));
+        let retention_every = Duration::from_millis(self.config.retention_check_ms.max(10));
+        let mut next_retention = std::time::Instant::now() + retention_every;
+        loop {
+            glommio::timer::sleep(checkpoint_every.min(retention_every)).await;
+            for log in self.logs() {
+                if let Err(e) = log.checkpoint().await {
+                    eprintln!("corebus: checkpoint of {} failed: {e}", log.dir().display());
+                }
+            }
+            if std::time::Instant::now() >= next_retention {
+                next_retention = std::time::Instant::now() + retention_every;
+                let now = now_ms();
+                for log in self.logs() {
+                    let deleted = log.enforce_retention(now).await;
+                    if deleted > 0 {
+                        eprintln!(
+                            "corebus: retention deleted {deleted} segment(s) of {}; log starts at offset {}",
+                            log.dir().display(),
+                            log.log_start_offset()
+                        );
+                    }
+                }
+            }
+        }
     }
 
     /// Stops accepting appends on every owned log and waits for their flushes.

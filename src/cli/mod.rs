@@ -106,3 +106,33 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     }
     Ok(std::time::Duration::from_secs_f64(seconds))
 }
+
+/// Parses sizes like `4096`, `64KiB`, `32MiB`, `1GiB` (also `KB`/`MB`/`GB` as powers of 10).
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a size (e.g. 4096, 64KiB, 1GiB)"))?;
+    let scale: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" | "K" | "k" => 1 << 10,
+        "MiB" | "M" => 1 << 20,
+        "GiB" | "G" => 1 << 30,
+        "KB" | "kB" => 1_000,
+        "MB" => 1_000_000,
+        "GB" => 1_000_000_000,
+        other => return Err(format!("'{text}': unknown unit '{other}' (KiB, MiB, GiB)")),
+    };
+    value
+        .checked_mul(scale)
+        .ok_or_else(|| format!("'{text}' is too large"))
+}
+
+/// Parses a duration into whole milliseconds.
+pub fn parse_millis(text: &str) -> Result<u64, String> {
+    parse_duration(text).map(|d| d.as_millis() as u64)
+}

@@ -37,6 +37,27 @@ pub struct ServeArgs {
     /// Recent data kept in memory per partition for readers, in MiB.
     #[arg(long, default_value_t = 8)]
     cache_mib_per_partition: usize,
+    /// Roll a segment when it would grow past this size (e.g. 1GiB).
+    #[arg(long, default_value = "1GiB", value_parser = super::parse_bytes)]
+    segment_bytes: u64,
+    /// Roll a segment when its first batch is older than this (e.g. 7d); default: never.
+    #[arg(long, value_parser = super::parse_millis)]
+    segment_ms: Option<u64>,
+    /// Preallocate segment files in steps of this size.
+    #[arg(long, default_value = "32MiB", value_parser = super::parse_bytes)]
+    preallocate_bytes: u64,
+    /// Default retention by age for topics without their own (e.g. 7d); default: forever.
+    #[arg(long, value_parser = super::parse_millis)]
+    retention_ms: Option<u64>,
+    /// Default retention by size per partition (e.g. 100GiB); default: unlimited.
+    #[arg(long, value_parser = super::parse_bytes)]
+    retention_bytes: Option<u64>,
+    /// How often retention is enforced.
+    #[arg(long, default_value = "5s", value_parser = super::parse_millis)]
+    retention_check_interval: u64,
+    /// How often each log checkpoints its durable point and index.
+    #[arg(long, default_value = "1s", value_parser = super::parse_millis)]
+    checkpoint_interval: u64,
 }
 
 /// Runs the broker until SIGTERM or SIGINT.
@@ -56,6 +77,13 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
     config.max_inflight_per_connection = args.max_inflight_per_connection;
     config.io_memory_bytes = args.io_memory_mib << 20;
     config.cache_bytes_per_partition = args.cache_mib_per_partition << 20;
+    config.segment_bytes = args.segment_bytes;
+    config.segment_ms = args.segment_ms;
+    config.preallocate_bytes = args.preallocate_bytes;
+    config.retention_ms = args.retention_ms;
+    config.retention_bytes = args.retention_bytes;
+    config.retention_check_ms = args.retention_check_interval;
+    config.checkpoint_interval_ms = args.checkpoint_interval;
     broker::run(config)?;
     Ok(ExitCode::SUCCESS)
 }

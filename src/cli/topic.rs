@@ -14,6 +14,13 @@ pub enum TopicCommand {
         /// Number of partitions.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
+        /// Delete segments whose newest record is older than this (e.g. 7d); default: the
+        /// broker's.
+        #[arg(long, value_parser = super::parse_millis)]
+        retention_ms: Option<u64>,
+        /// Keep each partition under about this size (e.g. 10GiB); default: the broker's.
+        #[arg(long, value_parser = super::parse_bytes)]
+        retention_bytes: Option<u64>,
     },
     /// List topics and their partition counts.
     List,
@@ -28,9 +35,14 @@ pub enum TopicCommand {
 pub async fn run(command: TopicCommand, args: ClientArgs) -> Result<ExitCode, String> {
     let client = args.connect().await?;
     match command {
-        TopicCommand::Create { name, partitions } => {
+        TopicCommand::Create {
+            name,
+            partitions,
+            retention_ms,
+            retention_bytes,
+        } => {
             client
-                .create_topic(&name, partitions)
+                .create_topic_with(&name, partitions, retention_ms, retention_bytes)
                 .await
                 .map_err(|e| format!("creating topic '{name}': {e}"))?;
             println!("created topic {name} with {partitions} partitions");

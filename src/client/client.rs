@@ -95,8 +95,19 @@ impl Client {
         &self.bootstrap
     }
 
-    /// Creates a topic.
+    /// Creates a topic with the broker's default retention.
     pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
+        self.create_topic_with(name, partitions, None, None).await
+    }
+
+    /// Creates a topic with its own retention by age and by size per partition.
+    pub async fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        retention_ms: Option<u64>,
+        retention_bytes: Option<u64>,
+    ) -> Result<(), ClientError> {
         self.bootstrap
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(128);
@@ -106,6 +117,8 @@ impl Client {
                     &wire::CreateTopicRequestArgs {
                         name: Some(name),
                         partitions,
+                        retention_ms: crate::broker::metadata::to_wire(retention_ms),
+                        retention_bytes: crate::broker::metadata::to_wire(retention_bytes),
                     },
                 );
                 finish_request(

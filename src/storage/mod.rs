@@ -1,13 +1,18 @@
 //! Storage: partition logs on direct-I/O files and the data directory's superblock.
 //! Owns every byte on disk; knows nothing of sockets or the wire protocol.
 
+pub mod checkpoint;
 pub mod dma;
 pub mod error;
 pub mod partition_log;
+pub mod probes;
+pub mod scan;
+pub mod segment;
 pub mod superblock;
 
 pub use error::StorageError;
-pub use partition_log::{AppendTicket, FetchedData, LogConfig, PartitionLog};
+pub use partition_log::{AppendTicket, FetchedData, LogConfig, LogStats, PartitionLog};
+pub use probes::FailureProbes;
 
 /// When a produce is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

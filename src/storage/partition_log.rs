@@ -1,5 +1,5 @@
-//! One partition's log: an append-only direct-I/O file with group commit, a sparse offset
-//! index, an in-memory tail for recent reads, long-poll waiters and recovery at open.
+//! One partition's log: an ordered set of segments with group commit, an in-memory tail for
+//! recent reads, long-poll waiters, recovery at open, checkpoints and retention.
 //!
 //! Owned by exactly one shard (everything here is `Rc`/`RefCell`, never shared across
 //! threads). The network layer hands it already-validated batches; it stamps their offsets,
@@ -7,13 +7,11 @@
 //! readers see them.
 //!
 //! Group commit: appends go into `pending`; one flush task per log takes everything pending,
-//! writes it with a few large aligned writes (the partial last block rewritten from
-//! `tail_block`), syncs, then acknowledges every batch it covered. Batches that arrive while
-//! a flush is in flight wait for the next one, so one write + one `fdatasync` serves many
-//! producers. Flushes are sequential per log, so the durable point is always a prefix.
-//!
-//! On-disk layout: `<dir>/00000000000000000000.log`, a concatenation of record batches.
-//! (Segment rolling, on-disk indexes and retention grow from here; see docs/architecture.md.)
+//! writes it with a few large aligned writes into the active segment (the partial last block
+//! rewritten from `tail_block`), syncs, then acknowledges every batch it covered. Batches
+//! that arrive while a flush is in flight wait for the next one, so one write + one
+//! `fdatasync` serves many producers. Flushes are sequential per log, so the durable point is
+//! always a prefix; flushes of different logs run concurrently, so their syncs overlap.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -24,15 +22,17 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::channel::oneshot;
 use glommio::io::DmaFile;
+use glommio::sync::Semaphore;
 
-use super::dma::{self, align_down, ChunkFiller, ALIGN};
+use super::checkpoint::Checkpoint;
+use super::dma::{self, align_down, align_up, ChunkFiller, ALIGN};
+use super::probes::{FailureProbes, ProbePoint};
+use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
+use super::segment::{self, sync_dir, Segment};
 use super::{Durability, StorageError};
 use crate::record::batch::{self, BatchHeader, HEADER_LEN};
 
-/// File name of the first (today: only) segment.
-const SEGMENT_FILE: &str = "00000000000000000000.log";
-
-/// Tunables of a partition log; one per shard, shared by its logs.
+/// Tunables of a partition log.
 #[derive(Clone, Debug)]
 pub struct LogConfig {
     /// When appends are acknowledged.
@@ -45,6 +45,18 @@ pub struct LogConfig {
     pub index_interval_bytes: u64,
     /// Bytes that may wait for a flush before appenders are held back.
     pub max_pending_bytes: usize,
+    /// A segment rolls when it would grow past this size.
+    pub segment_bytes: u64,
+    /// A segment rolls when its first batch is older than this.
+    pub segment_ms: Option<u64>,
+    /// Disk space is preallocated in steps of this size.
+    pub preallocate_bytes: u64,
+    /// Oldest segments are deleted while the log is larger than this.
+    pub retention_bytes: Option<u64>,
+    /// Segments whose newest record is older than this are deleted.
+    pub retention_ms: Option<u64>,
+    /// Fault injection for tests (empty in production).
+    pub probes: Rc<FailureProbes>,
 }
 
 impl Default for LogConfig {
@@ -55,6 +67,12 @@ impl Default for LogConfig {
             cache_bytes: 8 << 20,
             index_interval_bytes: 4096,
             max_pending_bytes: 64 << 20,
+            segment_bytes: 1 << 30,
+            segment_ms: None,
+            preallocate_bytes: 32 << 20,
+            retention_bytes: None,
+            retention_ms: None,
+            probes: Rc::new(FailureProbes::default()),
         }
     }
 }
@@ -71,6 +89,9 @@ struct StoredBatch {
 impl StoredBatch {
     fn len(&self) -> usize {
         HEADER_LEN + self.body.len()
+    }
+    fn max_timestamp_ms(&self) -> i64 {
+        BatchHeader::parse(&self.header).map_or(i64::MIN, |h| h.max_timestamp_ms())
     }
 }
 
@@ -110,74 +131,129 @@ pub struct FetchedData {
     pub out_of_range: bool,
 }
 
+/// Figures about a log, for stats and tests.
+#[derive(Clone, Debug, Default)]
+pub struct LogStats {
+    /// Number of segments.
+    pub segments: usize,
+    /// Bytes of batches stored.
+    pub bytes: u64,
+    /// Earliest stored offset.
+    pub log_start_offset: u64,
+    /// Next offset to be written.
+    pub high_watermark: u64,
+    /// Corrupt ranges found.
+    pub corrupt_ranges: usize,
+}
+
 struct LogState {
+    /// Segments, oldest first; the last one is the active segment.
+    segments: VecDeque<Segment>,
     /// Next offset to assign.
     next_offset: u64,
     /// Offsets below this are written per the durability mode, acknowledged and readable.
     high_watermark: u64,
-    log_start_offset: u64,
-    /// Bytes of the segment file that hold acknowledged batches.
-    file_end: u64,
-    /// The bytes of the partial last block, `file_end % ALIGN` long, rewritten on the next
-    /// flush.
+    /// The bytes of the active segment's partial last block, rewritten on the next flush.
     tail_block: Vec<u8>,
-    pending: Vec<StoredBatch>,
+    pending: VecDeque<StoredBatch>,
     pending_bytes: usize,
     flushing: bool,
     /// (last offset of an append, its acknowledgement), in offset order.
     ack_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
-    /// Long-polling readers and appenders held back by a full pending queue.
+    /// Long-polling readers, and appenders held back by a full pending queue.
     data_waiters: Vec<oneshot::Sender<()>>,
     space_waiters: Vec<oneshot::Sender<()>>,
-    /// Sparse index: (base offset, file position) every `index_interval_bytes`.
-    index: Vec<(u64, u64)>,
-    /// Recent stored batches with their file positions, oldest first.
-    cache: VecDeque<(u64, StoredBatch)>,
+    /// Recent stored batches, oldest first.
+    cache: VecDeque<StoredBatch>,
     cache_bytes: usize,
-    /// Set after a fatal error (fdatasync failure): the log no longer accepts writes.
+    /// Offsets whose stored bytes failed their checksum: refused to readers.
+    corrupt: Vec<CorruptRange>,
+    /// Set after a fatal error (an fdatasync failure): the log no longer accepts writes.
     failed: Option<String>,
     closed: bool,
+    /// (segment base, durable end) of the last checkpoint written.
+    checkpointed: (u64, u64),
 }
 
 /// A partition's log. Create with [`PartitionLog::open`].
 pub struct PartitionLog {
     dir: PathBuf,
-    file: DmaFile,
     config: Rc<LogConfig>,
     state: RefCell<LogState>,
+    /// Serializes checkpoint writes (periodic, roll and close).
+    checkpoint_lock: Semaphore,
 }
 
 impl PartitionLog {
-    /// Opens the log in `dir` (creating it), scanning the file to find the end of the valid
-    /// data: a torn or corrupt tail left by a crash is cut off, never served.
+    /// Opens the log in `dir` (creating it), recovering its segments: indexes are loaded or
+    /// rebuilt, the active segment is scanned from its last index entry (not at all after a
+    /// clean shutdown), a torn tail is cut off and corruption in acknowledged data reported.
     pub async fn open(dir: &Path, config: Rc<LogConfig>) -> Result<Rc<Self>, StorageError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StorageError::io(format!("creating {}", dir.display()), &e))?;
-        let path = dir.join(SEGMENT_FILE);
-        let file = dma::open_rw(&path).await?;
-        let scan = recover(&file, &path, &config).await?;
+        let mut bases = segment::list(dir)?;
+        if bases.is_empty() {
+            Segment::create(dir, 0, config.preallocate_bytes.min(config.segment_bytes)).await?;
+            bases.push(0);
+        }
+        let checkpoint = Checkpoint::load(dir);
+        let mut segments = VecDeque::with_capacity(bases.len());
+        let mut corrupt = Vec::new();
+        for (i, &base) in bases.iter().enumerate() {
+            let mut seg = Segment::open(dir, base).await?;
+            let next_base = bases.get(i + 1).copied();
+            recover_segment(&mut seg, next_base, checkpoint, &config, &mut corrupt).await?;
+            segments.push_back(seg);
+        }
+        let failed: Option<String> = None;
+        let active = segments
+            .back()
+            .ok_or_else(|| StorageError::Corrupt("no segment".into()))?;
+        let next_offset = active.next_offset;
+        let end = active.end;
+        let tail_start = align_down(end);
+        let tail_block = if end > tail_start {
+            dma::read_range(
+                &active.file,
+                tail_start,
+                (end - tail_start) as usize,
+                config.max_io_bytes,
+            )
+            .await?
+        } else {
+            Vec::new()
+        };
+        let active_base = active.base_offset;
+        // From here on appends may come: the checkpoint must no longer claim a clean stop.
+        let fresh = Checkpoint {
+            segment_base: active_base,
+            durable_end: end,
+            next_offset,
+            clean: false,
+        };
+        save_checkpoint(dir, fresh).await?;
         let log = Rc::new(Self {
             dir: dir.to_path_buf(),
-            file,
             config,
             state: RefCell::new(LogState {
-                next_offset: scan.next_offset,
-                high_watermark: scan.next_offset,
-                log_start_offset: 0,
-                file_end: scan.file_end,
-                tail_block: scan.tail_block,
-                pending: Vec::new(),
+                segments,
+                next_offset,
+                high_watermark: next_offset,
+                tail_block,
+                pending: VecDeque::new(),
                 pending_bytes: 0,
                 flushing: false,
                 ack_waiters: VecDeque::new(),
                 data_waiters: Vec::new(),
                 space_waiters: Vec::new(),
-                index: scan.index,
                 cache: VecDeque::new(),
                 cache_bytes: 0,
-                failed: None,
+                corrupt,
+                failed,
                 closed: false,
+                checkpointed: (active_base, end),
             }),
+            checkpoint_lock: Semaphore::new(1),
         });
         Ok(log)
     }
@@ -194,7 +270,22 @@ impl PartitionLog {
 
     /// Earliest stored offset.
     pub fn log_start_offset(&self) -> u64 {
-        self.state.borrow().log_start_offset
+        let st = self.state.borrow();
+        st.segments
+            .front()
+            .map_or(st.high_watermark, |s| s.base_offset)
+    }
+
+    /// Figures about the log.
+    pub fn stats(&self) -> LogStats {
+        let st = self.state.borrow();
+        LogStats {
+            segments: st.segments.len(),
+            bytes: st.segments.iter().map(|s| s.end).sum(),
+            log_start_offset: st.segments.front().map_or(0, |s| s.base_offset),
+            high_watermark: st.high_watermark,
+            corrupt_ranges: st.corrupt.len(),
+        }
     }
 
     /// Appends already-validated batches (each a complete batch; see `record::Batch`) as one
@@ -208,7 +299,7 @@ impl PartitionLog {
         loop {
             let wait = {
                 let mut st = self.state.borrow_mut();
-                self.check_writable(&st)?;
+                check_writable(&st)?;
                 if st.pending_bytes == 0
                     || st.pending_bytes + incoming <= self.config.max_pending_bytes
                 {
@@ -244,7 +335,7 @@ impl PartitionLog {
             };
             st.next_offset += count;
             st.pending_bytes += stored.len();
-            st.pending.push(stored);
+            st.pending.push_back(stored);
         }
         let last_offset = st.next_offset.saturating_sub(1);
         debug_assert!(last_offset >= base_offset, "append of an empty batch list");
@@ -270,35 +361,66 @@ impl PartitionLog {
         })
     }
 
-    fn check_writable(&self, st: &LogState) -> Result<(), StorageError> {
-        if let Some(why) = &st.failed {
-            return Err(StorageError::ReadOnly(why.clone()));
-        }
-        if st.closed {
-            return Err(StorageError::ReadOnly("the log is closed".into()));
-        }
-        Ok(())
-    }
-
     /// Flushes pending batches until none are left: the group commit.
     async fn flush_loop(self: Rc<Self>) {
         loop {
-            let (batches, start_pos, carry) = {
+            let roll = {
                 let mut st = self.state.borrow_mut();
                 if st.pending.is_empty() || st.failed.is_some() {
                     st.flushing = false;
                     return;
                 }
-                st.pending_bytes = 0;
-                let batches = std::mem::take(&mut st.pending);
-                (batches, align_down(st.file_end), st.tail_block.clone())
+                self.roll_due(&st)
+            };
+            if roll {
+                if let Err(e) = self.roll().await {
+                    self.fail_flush(e, false);
+                    continue;
+                }
+            }
+            let (batches, bytes, file, start_pos, carry, needed, allocated) = {
+                let mut st = self.state.borrow_mut();
+                let Some(active) = st.segments.back() else {
+                    st.flushing = false;
+                    return;
+                };
+                let (end, allocated, file) =
+                    (active.end, active.allocated, Rc::clone(&active.file));
+                let mut batches = Vec::new();
+                let mut bytes = 0usize;
+                while let Some(next) = st.pending.front() {
+                    let fits = end + (bytes + next.len()) as u64 <= self.config.segment_bytes;
+                    if !batches.is_empty() && !fits {
+                        break;
+                    }
+                    let Some(b) = st.pending.pop_front() else {
+                        break;
+                    };
+                    bytes += b.len();
+                    batches.push(b);
+                }
+                st.pending_bytes -= bytes;
+                let needed = align_up(end + bytes as u64);
+                (
+                    batches,
+                    bytes,
+                    file,
+                    align_down(end),
+                    st.tail_block.clone(),
+                    needed,
+                    allocated,
+                )
             };
             for tx in self.state.borrow_mut().space_waiters.drain(..) {
                 let _ = tx.send(());
             }
-            let bytes: usize = batches.iter().map(StoredBatch::len).sum();
-            let mut filler =
-                ChunkFiller::new(&self.file, carry.len() + bytes, self.config.max_io_bytes);
+            if needed > allocated {
+                if let Err(e) = self.grow_active(&file, needed, allocated).await {
+                    self.fail_flush(e, false);
+                    continue;
+                }
+            }
+            let mut filler = ChunkFiller::new(&file, carry.len() + bytes, self.config.max_io_bytes);
             filler.put(&carry);
             for b in &batches {
                 filler.put(&b.header);
@@ -306,17 +428,17 @@ impl PartitionLog {
             }
             let new_end = start_pos + (carry.len() + bytes) as u64;
             let new_tail = filler.last_bytes((new_end % ALIGN) as usize);
-            let written = filler.write_at(start_pos).await;
+            let written = match self.config.probes.hit(ProbePoint::Write) {
+                Some(e) => Err(StorageError::io(
+                    format!("writing {}", self.active_path().display()),
+                    &e,
+                )),
+                None => filler.write_at(start_pos).await,
+            };
             let result = match written {
                 Err(e) => Err((e, false)),
                 Ok(()) if self.config.durability == Durability::Sync => {
-                    self.file.fdatasync().await.map_err(|e| {
-                        let path = self.dir.join(SEGMENT_FILE);
-                        (
-                            StorageError::glommio(format!("fdatasync of {}", path.display()), e),
-                            true,
-                        )
-                    })
+                    self.sync(&file).await.map_err(|e| (e, true))
                 }
                 Ok(()) => Ok(()),
             };
@@ -327,33 +449,145 @@ impl PartitionLog {
         }
     }
 
+    fn active_path(&self) -> PathBuf {
+        let st = self.state.borrow();
+        st.segments
+            .back()
+            .map_or_else(|| self.dir.clone(), |s| s.path("log"))
+    }
+
+    async fn sync(&self, file: &DmaFile) -> Result<(), StorageError> {
+        let context = || format!("fdatasync of {}", self.active_path().display());
+        if let Some(e) = self.config.probes.hit(ProbePoint::Fdatasync) {
+            return Err(StorageError::io(context(), &e));
+        }
+        file.fdatasync()
+            .await
+            .map_err(|e| StorageError::glommio(context(), e))
+    }
+
+    /// Preallocates more of the active segment (in steps), so that flushes write into
+    /// allocated space and a full disk shows up here, before anything is written.
+    async fn grow_active(
+        &self,
+        file: &DmaFile,
+        needed: u64,
+        allocated: u64,
+    ) -> Result<(), StorageError> {
+        let step = self.config.preallocate_bytes.max(ALIGN);
+        let target = align_up(
+            needed
+                .max(allocated + step)
+                .min(self.config.segment_bytes.max(needed)),
+        );
+        file.pre_allocate(target, false).await.map_err(|e| {
+            StorageError::glommio(
+                format!(
+                    "preallocating {target} bytes of {}",
+                    self.active_path().display()
+                ),
+                e,
+            )
+        })?;
+        if let Some(active) = self.state.borrow_mut().segments.back_mut() {
+            active.allocated = target;
+        }
+        Ok(())
+    }
+
+    fn roll_due(&self, st: &LogState) -> bool {
+        let (Some(active), Some(first)) = (st.segments.back(), st.pending.front()) else {
+            return false;
+        };
+        if active.end == 0 {
+            return false;
+        }
+        let by_size = active.end + first.len() as u64 > self.config.segment_bytes;
+        let by_age = match (self.config.segment_ms, active.first_append_ms) {
+            (Some(ms), Some(first_ms)) => crate::broker::shard::now_ms() - first_ms >= ms as i64,
+            _ => false,
+        };
+        by_size || by_age
+    }
+
+    /// Seals the active segment (its index made durable, its unused preallocation freed) and
+    /// starts a new one at the next offset, durable with its directory.
+    async fn roll(&self) -> Result<(), StorageError> {
+        let _guard = self.checkpoint_lock.acquire_permit(1).await;
+        let (append, base, sealed_file, sealed_end) = {
+            let mut st = self.state.borrow_mut();
+            let next = st.high_watermark;
+            let Some(active) = st.segments.back_mut() else {
+                return Ok(());
+            };
+            (
+                active.take_unwritten_index(),
+                next,
+                Rc::clone(&active.file),
+                active.end,
+            )
+        };
+        let written = glommio::executor()
+            .spawn_blocking(move || append.write(true))
+            .await;
+        if let Err(e) = written {
+            eprintln!("corebus: writing the index of a sealed segment in {} failed: {e}; it will be rebuilt", self.dir.display());
+        }
+        let _ = sealed_file.truncate(sealed_end).await;
+        let first = self.config.preallocate_bytes.min(self.config.segment_bytes);
+        let seg = Segment::create(&self.dir, base, first).await?;
+        {
+            let mut st = self.state.borrow_mut();
+            if let Some(old) = st.segments.back_mut() {
+                old.allocated = sealed_end;
+            }
+            st.segments.push_back(seg);
+            st.tail_block.clear();
+            st.checkpointed = (base, 0);
+        }
+        let checkpoint = Checkpoint {
+            segment_base: base,
+            durable_end: 0,
+            next_offset: base,
+            clean: false,
+        };
+        save_checkpoint(&self.dir, checkpoint).await
+    }
+
     /// Makes a finished flush visible: acknowledges, indexes and caches its batches.
     fn complete_flush(&self, batches: Vec<StoredBatch>, new_end: u64, new_tail: Vec<u8>) {
         let mut st = self.state.borrow_mut();
-        let mut pos = st.file_end;
+        let interval = self.config.index_interval_bytes;
+        let now = crate::broker::shard::now_ms();
+        let Some(active) = st.segments.back_mut() else {
+            return;
+        };
+        let mut pos = active.end;
+        active.first_append_ms.get_or_insert(now);
+        for b in &batches {
+            active.record_batch(
+                pos,
+                b.len() as u64,
+                b.base_offset,
+                b.last_offset,
+                b.max_timestamp_ms(),
+                interval,
+            );
+            pos += b.len() as u64;
+        }
+        debug_assert_eq!(pos, new_end, "flush must end where its bytes end");
         for b in batches {
-            let due = match st.index.last() {
-                None => true,
-                Some(&(_, last_pos)) => pos - last_pos >= self.config.index_interval_bytes,
-            };
-            if due {
-                st.index.push((b.base_offset, pos));
-            }
             debug_assert_eq!(
                 b.base_offset, st.high_watermark,
                 "offsets must be contiguous"
             );
             st.high_watermark = b.last_offset + 1;
-            let len = b.len();
-            st.cache_bytes += len;
-            st.cache.push_back((pos, b));
-            pos += len as u64;
+            st.cache_bytes += b.len();
+            st.cache.push_back(b);
         }
-        debug_assert_eq!(pos, new_end);
-        st.file_end = new_end;
         st.tail_block = new_tail;
         while st.cache_bytes > self.config.cache_bytes && st.cache.len() > 1 {
-            if let Some((_, old)) = st.cache.pop_front() {
+            if let Some(old) = st.cache.pop_front() {
                 st.cache_bytes -= old.len();
             }
         }
@@ -369,8 +603,9 @@ impl PartitionLog {
     }
 
     /// A failed flush: nothing it covered is acknowledged. Every batch not yet durable is
-    /// refused and its offsets are given back. An fdatasync failure is fatal: the log turns
-    /// read-only and never retries the sync (the kernel may have dropped the dirty pages).
+    /// refused and its offsets are given back, so that the log stays contiguous. An
+    /// fdatasync failure is fatal: the log turns read-only and never retries the sync (the
+    /// kernel may have dropped the dirty pages, so a later "successful" sync proves nothing).
     fn fail_flush(&self, error: StorageError, fatal: bool) {
         let mut st = self.state.borrow_mut();
         let hw = st.high_watermark;
@@ -379,10 +614,16 @@ impl PartitionLog {
         st.pending_bytes = 0;
         if fatal {
             eprintln!(
-                "corebus: FATAL storage error in {}: {error}; the partition is now read-only",
+                "corebus: FATAL storage error in {}: {error}; the partition is now read-only and the \
+                 sync is not retried; restart the broker after checking the disk",
                 self.dir.display()
             );
             st.failed = Some(error.to_string());
+        } else {
+            eprintln!(
+                "corebus: flush of {} failed: {error}; producers get an error",
+                self.dir.display()
+            );
         }
         for (_, tx) in st.ack_waiters.drain(..) {
             let _ = tx.send(Err(error.clone()));
@@ -400,10 +641,7 @@ impl PartitionLog {
         max_bytes: usize,
         max_wait: Duration,
     ) -> Result<FetchedData, StorageError> {
-        let (hw, start) = {
-            let st = self.state.borrow();
-            (st.high_watermark, st.log_start_offset)
-        };
+        let (hw, start) = (self.high_watermark(), self.log_start_offset());
         if offset < start || offset > hw {
             return Err(StorageError::OffsetOutOfRange {
                 requested: offset,
@@ -414,14 +652,11 @@ impl PartitionLog {
         if offset == hw && !max_wait.is_zero() {
             let (tx, rx) = oneshot::channel();
             self.state.borrow_mut().data_waiters.push(tx);
-            let timeout = async {
-                glommio::timer::sleep(max_wait).await;
-            };
             futures_lite::future::or(
                 async {
                     let _ = rx.await;
                 },
-                timeout,
+                glommio::timer::sleep(max_wait),
             )
             .await;
         }
@@ -434,23 +669,42 @@ impl PartitionLog {
         if offset >= out.high_watermark {
             return Ok(out);
         }
+        if let Some(range) = self.corrupt_range_of(offset) {
+            return Err(StorageError::Corrupt(format!(
+                "offsets {}..={} fail their checksum at byte {} of segment {} and are not served; \
+                 the next readable offset is {}",
+                range.first_offset,
+                range.last_offset,
+                range.pos,
+                range.segment_base,
+                range.last_offset + 1
+            )));
+        }
         if let Some(bytes) = self.fetch_from_cache(offset, max_bytes) {
             out.batches = bytes;
             return Ok(out);
         }
-        out.batches = self.fetch_from_file(offset, max_bytes).await?;
+        out.batches = self.fetch_from_segments(offset, max_bytes).await?;
         Ok(out)
+    }
+
+    fn corrupt_range_of(&self, offset: u64) -> Option<CorruptRange> {
+        let st = self.state.borrow();
+        st.corrupt
+            .iter()
+            .find(|r| r.first_offset <= offset && offset <= r.last_offset)
+            .cloned()
     }
 
     fn fetch_from_cache(&self, offset: u64, max_bytes: usize) -> Option<Vec<u8>> {
         let st = self.state.borrow();
-        let (_, first) = st.cache.front()?;
+        let first = st.cache.front()?;
         if first.base_offset > offset {
             return None;
         }
-        let at = st.cache.partition_point(|(_, b)| b.last_offset < offset);
+        let at = st.cache.partition_point(|b| b.last_offset < offset);
         let mut out = Vec::with_capacity(max_bytes.min(st.cache_bytes));
-        for (_, b) in st.cache.iter().skip(at) {
+        for b in st.cache.iter().skip(at) {
             if !out.is_empty() && out.len() + b.len() > max_bytes {
                 break;
             }
@@ -460,38 +714,81 @@ impl PartitionLog {
         Some(out)
     }
 
-    async fn fetch_from_file(
+    /// Reads from the segment holding `offset`, moving to the next segment if that one has
+    /// nothing at or after it.
+    async fn fetch_from_segments(
         &self,
         offset: u64,
         max_bytes: usize,
     ) -> Result<Vec<u8>, StorageError> {
-        let (mut pos, file_end) = {
+        let mut i = {
             let st = self.state.borrow();
-            let i = st.index.partition_point(|&(o, _)| o <= offset);
-            let pos = if i == 0 { 0 } else { st.index[i - 1].1 };
-            (pos, st.file_end)
+            st.segments
+                .partition_point(|s| s.base_offset <= offset)
+                .saturating_sub(1)
         };
+        loop {
+            let target = {
+                let st = self.state.borrow();
+                st.segments.get(i).map(|s| {
+                    (
+                        Rc::clone(&s.file),
+                        s.position_for(offset),
+                        s.end,
+                        s.path("log"),
+                    )
+                })
+            };
+            let Some((file, pos, end, path)) = target else {
+                return Ok(Vec::new());
+            };
+            let bytes = self
+                .read_segment(&file, &path, pos, end, offset, max_bytes)
+                .await?;
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+            i += 1;
+        }
+    }
+
+    async fn read_segment(
+        &self,
+        file: &DmaFile,
+        path: &Path,
+        mut pos: u64,
+        end: u64,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<u8>, StorageError> {
         let mut want = max_bytes.max(64 * 1024);
-        while pos < file_end {
-            let len = (want as u64).min(file_end - pos) as usize;
-            let mut window =
-                dma::read_range(&self.file, pos, len, self.config.max_io_bytes).await?;
+        while pos < end {
+            let len = (want as u64).min(end - pos) as usize;
+            let mut window = dma::read_range(file, pos, len, self.config.max_io_bytes).await?;
             let mut at = 0usize;
             let mut first: Option<usize> = None;
             let mut need_more = None;
             while at + HEADER_LEN <= window.len() {
+                let abs = pos + at as u64;
                 let header = BatchHeader::parse(&window[at..])
                     .map_err(|e| StorageError::Corrupt(e.to_string()))?;
                 let blen = header.batch_len() as usize;
-                if blen < HEADER_LEN || pos + (at + blen) as u64 > file_end {
-                    return Err(self.corrupt_at(pos + at as u64, "batch length is invalid"));
+                if blen < HEADER_LEN || abs + blen as u64 > end {
+                    return Err(corrupt_read(path, abs, "its length is invalid"));
                 }
                 if at + blen > window.len() {
                     need_more = Some(blen);
                     break;
                 }
                 if !batch::crc_matches(&window[at..at + blen]) {
-                    return Err(self.corrupt_at(pos + at as u64, "CRC32C mismatch"));
+                    if first.is_none() && header.last_offset() < offset {
+                        at += blen; // a damaged batch before the one wanted: skip it
+                        continue;
+                    }
+                    if first.is_some() {
+                        break; // serve what came before it; the next fetch reports it
+                    }
+                    return Err(corrupt_read(path, abs, "CRC32C mismatch"));
                 }
                 if header.last_offset() < offset {
                     at += blen;
@@ -515,18 +812,104 @@ impl PartitionLog {
         Ok(Vec::new())
     }
 
-    fn corrupt_at(&self, pos: u64, what: &str) -> StorageError {
-        let msg = format!(
-            "{} at byte {pos} of {}",
-            what,
-            self.dir.join(SEGMENT_FILE).display()
-        );
-        eprintln!("corebus: CORRUPT stored batch: {msg}; the range is not served");
-        StorageError::Corrupt(msg)
+    /// Writes the active segment's new index entries and a checkpoint of the durable point,
+    /// if it moved. Called periodically, so that recovery after a crash scans little.
+    pub async fn checkpoint(&self) -> Result<(), StorageError> {
+        let _guard = self.checkpoint_lock.acquire_permit(1).await;
+        let (append, checkpoint) = {
+            let mut st = self.state.borrow_mut();
+            let hw = st.high_watermark;
+            let previous = st.checkpointed;
+            let Some(active) = st.segments.back_mut() else {
+                return Ok(());
+            };
+            let now = (active.base_offset, active.end);
+            if now == previous {
+                return Ok(());
+            }
+            let append = active.take_unwritten_index();
+            st.checkpointed = now;
+            let checkpoint = Checkpoint {
+                segment_base: now.0,
+                durable_end: now.1,
+                next_offset: hw,
+                clean: false,
+            };
+            (append, checkpoint)
+        };
+        if !append.is_empty() {
+            let written = glommio::executor()
+                .spawn_blocking(move || append.write(false))
+                .await;
+            if let Err(e) = written {
+                eprintln!(
+                    "corebus: appending to the index in {} failed: {e}",
+                    self.dir.display()
+                );
+            }
+        }
+        save_checkpoint(&self.dir, checkpoint).await
     }
 
-    /// Stops accepting appends and waits for the in-flight flush to finish; pending appends
-    /// are still flushed and acknowledged.
+    /// Deletes whole segments (never the active one) past the retention limits. Returns the
+    /// number deleted.
+    pub async fn enforce_retention(&self, now_ms: i64) -> usize {
+        let removed: Vec<Segment> = {
+            let mut st = self.state.borrow_mut();
+            let mut removed = Vec::new();
+            let mut total: u64 = st.segments.iter().map(|s| s.end).sum();
+            while st.segments.len() > 1 {
+                let Some(oldest) = st.segments.front() else {
+                    break;
+                };
+                let too_big = self
+                    .config
+                    .retention_bytes
+                    .is_some_and(|limit| total > limit);
+                let too_old = self
+                    .config
+                    .retention_ms
+                    .is_some_and(|ms| oldest.max_timestamp_ms < now_ms - ms as i64);
+                if !(too_big || too_old) {
+                    break;
+                }
+                total -= oldest.end;
+                if let Some(seg) = st.segments.pop_front() {
+                    removed.push(seg);
+                }
+            }
+            let start = st
+                .segments
+                .front()
+                .map_or(st.high_watermark, |s| s.base_offset);
+            while st.cache.front().is_some_and(|b| b.base_offset < start) {
+                if let Some(old) = st.cache.pop_front() {
+                    st.cache_bytes -= old.len();
+                }
+            }
+            st.corrupt.retain(|r| r.last_offset >= start);
+            removed
+        };
+        let count = removed.len();
+        for seg in removed {
+            let paths = [seg.path("log"), seg.path("index"), seg.path("timeindex")];
+            drop(seg); // readers holding the file keep it open until they finish
+            let _ = glommio::executor()
+                .spawn_blocking(move || {
+                    for p in paths {
+                        let _ = std::fs::remove_file(p);
+                    }
+                })
+                .await;
+        }
+        if count > 0 {
+            let _ = sync_dir(&self.dir).await;
+        }
+        count
+    }
+
+    /// Stops accepting appends, waits for the in-flight flush, and records a clean stop
+    /// (index and checkpoint), so that the next start needs no scan.
     pub async fn close(&self) {
         self.state.borrow_mut().closed = true;
         loop {
@@ -541,128 +924,205 @@ impl PartitionLog {
             };
             let _ = rx.await;
         }
-        let mut st = self.state.borrow_mut();
-        for tx in st.data_waiters.drain(..) {
+        for tx in self.state.borrow_mut().data_waiters.drain(..) {
             let _ = tx.send(());
         }
-    }
-}
-
-/// What recovery found in the segment file.
-struct Recovered {
-    next_offset: u64,
-    file_end: u64,
-    tail_block: Vec<u8>,
-    index: Vec<(u64, u64)>,
-}
-
-/// Scans the segment from the start, checking every batch header, CRC and offset, and cuts
-/// the file at the first batch that is not whole and valid (a torn tail from a crash).
-async fn recover(
-    file: &DmaFile,
-    path: &Path,
-    config: &LogConfig,
-) -> Result<Recovered, StorageError> {
-    let size = file
-        .file_size()
-        .await
-        .map_err(|e| StorageError::glommio(format!("stat of {}", path.display()), e))?;
-    let mut pos = 0u64;
-    let mut next_offset = 0u64;
-    let mut index: Vec<(u64, u64)> = Vec::new();
-    let window_bytes = config.max_io_bytes;
-    let mut want = window_bytes;
-    let mut torn = None;
-    'scan: while pos < size {
-        let len = (want as u64).min(size - pos) as usize;
-        let window = dma::read_range(file, pos, len, config.max_io_bytes).await?;
-        let mut at = 0usize;
-        loop {
-            let rest = &window[at..];
-            if rest.len() < HEADER_LEN {
-                if window.len() < len || pos + (at as u64) + (rest.len() as u64) >= size {
-                    if rest.iter().any(|&b| b != 0) {
-                        torn = Some("a partial batch header");
-                    }
-                    pos += at as u64;
-                    break 'scan;
-                }
-                break;
-            }
-            let Ok(header) = BatchHeader::parse(rest) else {
-                break;
-            };
-            let blen = header.batch_len() as usize;
-            if blen == 0 && rest[..HEADER_LEN].iter().all(|&b| b == 0) {
-                // Zero padding after the last block: the clean end of the log.
-                pos += at as u64;
-                break 'scan;
-            }
-            if blen < HEADER_LEN || pos + (at + blen) as u64 > size {
-                torn = Some("a batch that runs past the end of the file");
-                pos += at as u64;
-                break 'scan;
-            }
-            if blen > rest.len() {
-                want = want.max(blen);
-                break;
-            }
-            if !batch::crc_matches(&rest[..blen]) {
-                torn = Some("a batch whose CRC32C does not match");
-                pos += at as u64;
-                break 'scan;
-            }
-            if header.base_offset() != next_offset {
-                torn = Some("a batch whose offset does not follow the previous one");
-                pos += at as u64;
-                break 'scan;
-            }
-            let batch_pos = pos + at as u64;
-            let due = index
-                .last()
-                .is_none_or(|&(_, last)| batch_pos - last >= config.index_interval_bytes);
-            if due {
-                index.push((next_offset, batch_pos));
-            }
-            next_offset = header.last_offset() + 1;
-            at += blen;
+        if self.state.borrow().failed.is_some() {
+            return; // no clean marker for a log that failed: recovery must scan it
         }
-        pos += at as u64;
+        let _guard = self.checkpoint_lock.acquire_permit(1).await;
+        let (append, checkpoint) = {
+            let mut st = self.state.borrow_mut();
+            let hw = st.high_watermark;
+            let Some(active) = st.segments.back_mut() else {
+                return;
+            };
+            let checkpoint = Checkpoint {
+                segment_base: active.base_offset,
+                durable_end: active.end,
+                next_offset: hw,
+                clean: true,
+            };
+            (active.take_unwritten_index(), checkpoint)
+        };
+        let written = glommio::executor()
+            .spawn_blocking(move || append.write(true))
+            .await;
+        if written.is_ok() {
+            if let Err(e) = save_checkpoint(&self.dir, checkpoint).await {
+                eprintln!(
+                    "corebus: clean-shutdown checkpoint of {} failed: {e}",
+                    self.dir.display()
+                );
+            }
+        }
     }
-    let file_end = pos;
-    if let Some(why) = torn {
+}
+
+fn check_writable(st: &LogState) -> Result<(), StorageError> {
+    if let Some(why) = &st.failed {
+        return Err(StorageError::ReadOnly(why.clone()));
+    }
+    if st.closed {
+        return Err(StorageError::ReadOnly("the log is closed".into()));
+    }
+    Ok(())
+}
+
+fn corrupt_read(path: &Path, pos: u64, what: &str) -> StorageError {
+    let msg = format!("stored batch at byte {pos} of {}: {what}", path.display());
+    eprintln!("corebus: CORRUPT {msg}; the range is not served");
+    StorageError::Corrupt(msg)
+}
+
+async fn save_checkpoint(dir: &Path, checkpoint: Checkpoint) -> Result<(), StorageError> {
+    let owned = dir.to_path_buf();
+    glommio::executor()
+        .spawn_blocking(move || checkpoint.save(&owned))
+        .await
+        .map_err(|e| StorageError::io(format!("writing the checkpoint of {}", dir.display()), &e))
+}
+
+/// Recovers one segment. Sealed segments (those with a `next_base` after them) are scanned
+/// from their last index entry to their end; the active one likewise, unless a
+/// clean-shutdown checkpoint vouches for its end. A torn tail of the active segment is cut
+/// (zeroed).
+async fn recover_segment(
+    seg: &mut Segment,
+    next_base: Option<u64>,
+    checkpoint: Option<Checkpoint>,
+    config: &LogConfig,
+    corrupt: &mut Vec<CorruptRange>,
+) -> Result<(), StorageError> {
+    let path = seg.path("log");
+    let active = next_base.is_none();
+    seg.load_index(seg.allocated);
+    let own_checkpoint = checkpoint.filter(|c| c.segment_base == seg.base_offset);
+    if let Some(c) = own_checkpoint.filter(|c| active && c.clean && c.durable_end <= seg.allocated)
+    {
+        if index_entry_checks_out(seg, c.durable_end, config).await? {
+            seg.end = c.durable_end;
+            seg.next_offset = c.next_offset;
+            seg.index.retain(|&(_, p)| p < c.durable_end);
+            seg.max_timestamp_ms = seg.time_index.last().map_or(i64::MIN, |&(t, _)| t);
+            eprintln!(
+                "corebus: {}: clean start at offset {}, no scan",
+                path.display(),
+                c.next_offset
+            );
+            return Ok(());
+        }
+    }
+    // Start from the last index entry that points at a valid batch; else from the start.
+    if !index_entry_checks_out(seg, seg.allocated, config).await? {
         eprintln!(
-            "corebus: recovery of {}: cut {} bytes of torn tail at byte {file_end} ({why})",
-            path.display(),
-            size - file_end
+            "corebus: {}: index does not match the log; rebuilding it",
+            path.display()
         );
+        seg.truncate_index(0);
     }
-    if size > file_end {
-        // Remove whatever lies past the valid data so that it can never be mistaken for
-        // batches after later appends.
-        file.truncate(file_end)
-            .await
-            .map_err(|e| StorageError::glommio(format!("truncating {}", path.display()), e))?;
-        file.fdatasync()
-            .await
-            .map_err(|e| StorageError::glommio(format!("fdatasync of {}", path.display()), e))?;
-    }
-    let tail_start = align_down(file_end);
-    let tail_block = if file_end > tail_start {
-        dma::read_range(
-            file,
-            tail_start,
-            (file_end - tail_start) as usize,
-            config.max_io_bytes,
-        )
-        .await?
-    } else {
-        Vec::new()
+    let (pos, offset) = seg
+        .index
+        .last()
+        .map_or((0, seg.base_offset), |&(o, p)| (p, o));
+    let durable = match next_base {
+        // A sealed segment was made durable before the roll.
+        Some(next) => DurablePoint {
+            end: seg.allocated,
+            next_offset: next,
+        },
+        None => own_checkpoint.map_or(
+            DurablePoint {
+                end: 0,
+                next_offset: 0,
+            },
+            |c| DurablePoint {
+                end: c.durable_end,
+                next_offset: c.next_offset,
+            },
+        ),
     };
-    Ok(Recovered {
-        next_offset,
-        file_end,
-        tail_block,
-        index,
-    })
+    let outcome = scan_segment(seg, pos, offset, durable, config, corrupt).await?;
+    seg.max_timestamp_ms = seg
+        .max_timestamp_ms
+        .max(seg.time_index.last().map_or(i64::MIN, |&(t, _)| t));
+    match outcome {
+        ScanEnd::Clean => {}
+        ScanEnd::Torn(why) if active => {
+            eprintln!(
+                "corebus: recovery of {}: cut a torn tail at byte {} ({why}); it was never acknowledged",
+                path.display(),
+                seg.end
+            );
+            cut_tail(seg, config).await?;
+        }
+        ScanEnd::Torn(why) => {
+            eprintln!(
+                "corebus: recovery of {}: sealed segment ends early at byte {} ({why})",
+                path.display(),
+                seg.end
+            );
+        }
+    }
+    Ok(())
+}
+
+/// True if the segment's last index entry (below `limit`) points at a valid batch with the
+/// offset the entry names (or there is no entry).
+async fn index_entry_checks_out(
+    seg: &Segment,
+    limit: u64,
+    config: &LogConfig,
+) -> Result<bool, StorageError> {
+    let Some(&(offset, pos)) = seg.index.iter().rev().find(|&&(_, p)| p < limit) else {
+        return Ok(true);
+    };
+    let head = dma::read_range(&seg.file, pos, HEADER_LEN, config.max_io_bytes).await?;
+    let Ok(header) = BatchHeader::parse(&head) else {
+        return Ok(false);
+    };
+    let len = header.batch_len() as usize;
+    if header.base_offset() != offset || len < HEADER_LEN || pos + len as u64 > seg.allocated {
+        return Ok(false);
+    }
+    let bytes = dma::read_range(&seg.file, pos, len, config.max_io_bytes).await?;
+    Ok(batch::crc_matches(&bytes))
+}
+
+/// Zeroes everything after the valid end of the active segment: the rest of its last block is
+/// rewritten, the remainder punched out and preallocated again, then synced.
+async fn cut_tail(seg: &mut Segment, config: &LogConfig) -> Result<(), StorageError> {
+    let end = seg.end;
+    let start = align_down(end);
+    let path = seg.path("log");
+    let keep = dma::read_range(
+        &seg.file,
+        start,
+        (end - start) as usize,
+        config.max_io_bytes,
+    )
+    .await?;
+    let mut filler = ChunkFiller::new(&seg.file, ALIGN as usize, config.max_io_bytes);
+    filler.put(&keep);
+    filler.put(&vec![0u8; ALIGN as usize - keep.len()]);
+    filler.write_at(start).await?;
+    let hole = align_up(end).max(start + ALIGN);
+    if seg.allocated > hole {
+        seg.file
+            .deallocate(hole, seg.allocated - hole)
+            .await
+            .map_err(|e| {
+                StorageError::glommio(format!("punching the torn tail of {}", path.display()), e)
+            })?;
+        seg.file
+            .pre_allocate(seg.allocated, false)
+            .await
+            .map_err(|e| StorageError::glommio(format!("preallocating {}", path.display()), e))?;
+    }
+    seg.file
+        .fdatasync()
+        .await
+        .map_err(|e| StorageError::glommio(format!("fdatasync of {}", path.display()), e))?;
+    seg.truncate_index(end);
+    Ok(())
 }

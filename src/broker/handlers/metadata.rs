@@ -29,7 +29,8 @@ pub(super) fn handle(shard: &Shard, id: u64, req: wire::MetadataRequest<'_>) -> 
     let mut topics = Vec::with_capacity(wanted.len());
     for name in &wanted {
         let (partitions, error) = match all.get(name) {
-            Some(&count) => {
+            Some(config) => {
+                let count = config.partitions;
                 let parts: Vec<_> = (0..count)
                     .map(|p| {
                         let owner = owner_of(name, p, shard.count);

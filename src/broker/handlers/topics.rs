@@ -3,7 +3,7 @@
 use flatbuffers::FlatBufferBuilder;
 
 use crate::broker::mesh::TopicChange;
-use crate::broker::metadata::validate_topic_name;
+use crate::broker::metadata::{optional, to_wire, validate_topic_name, TopicConfig};
 use crate::broker::shard::Shard;
 use crate::protocol::frame::OutFrame;
 use crate::protocol::message::{finish_response, ApiError};
@@ -27,7 +27,11 @@ pub(super) async fn create(
     shard
         .change_topic(TopicChange::Created {
             name: name.to_string(),
-            partitions,
+            config: TopicConfig {
+                partitions,
+                retention_ms: optional(req.retention_ms()),
+                retention_bytes: optional(req.retention_bytes()),
+            },
         })
         .await?;
     let mut fbb = FlatBufferBuilder::with_capacity(128 + name.len());
@@ -77,13 +81,15 @@ pub(super) fn list(shard: &Shard, id: u64) -> OutFrame {
     let mut fbb = FlatBufferBuilder::with_capacity(256);
     let infos: Vec<_> = topics
         .iter()
-        .map(|(name, partitions)| {
+        .map(|(name, config)| {
             let name = fbb.create_string(name);
             wire::TopicInfo::create(
                 &mut fbb,
                 &wire::TopicInfoArgs {
                     name: Some(name),
-                    partitions: *partitions,
+                    partitions: config.partitions,
+                    retention_ms: to_wire(config.retention_ms),
+                    retention_bytes: to_wire(config.retention_bytes),
                 },
             )
         })

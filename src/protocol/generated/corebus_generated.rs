@@ -510,6 +510,8 @@ impl<'a> ::flatbuffers::Follow<'a> for CreateTopicRequest<'a> {
 impl<'a> CreateTopicRequest<'a> {
   pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
   pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_RETENTION_MS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_RETENTION_BYTES: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -521,6 +523,8 @@ impl<'a> CreateTopicRequest<'a> {
     args: &'args CreateTopicRequestArgs<'args>
   ) -> ::flatbuffers::WIPOffset<CreateTopicRequest<'bldr>> {
     let mut builder = CreateTopicRequestBuilder::new(_fbb);
+    builder.add_retention_bytes(args.retention_bytes);
+    builder.add_retention_ms(args.retention_ms);
     builder.add_partitions(args.partitions);
     if let Some(x) = args.name { builder.add_name(x); }
     builder.finish()
@@ -541,6 +545,22 @@ impl<'a> CreateTopicRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(CreateTopicRequest::VT_PARTITIONS, Some(0)).unwrap()}
   }
+  /// Delete segments whose newest record is older than this; -1: the broker's default.
+  #[inline]
+  pub fn retention_ms(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(CreateTopicRequest::VT_RETENTION_MS, Some(-1)).unwrap()}
+  }
+  /// Keep each partition under about this many bytes; -1: the broker's default.
+  #[inline]
+  pub fn retention_bytes(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(CreateTopicRequest::VT_RETENTION_BYTES, Some(-1)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
@@ -551,6 +571,8 @@ impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
      .visit_field::<u32>("partitions", Self::VT_PARTITIONS, false)?
+     .visit_field::<i64>("retention_ms", Self::VT_RETENTION_MS, false)?
+     .visit_field::<i64>("retention_bytes", Self::VT_RETENTION_BYTES, false)?
      .finish();
     Ok(())
   }
@@ -558,6 +580,8 @@ impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
 pub struct CreateTopicRequestArgs<'a> {
     pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub partitions: u32,
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
 }
 impl<'a> Default for CreateTopicRequestArgs<'a> {
   #[inline]
@@ -565,6 +589,8 @@ impl<'a> Default for CreateTopicRequestArgs<'a> {
     CreateTopicRequestArgs {
       name: None, // required field
       partitions: 0,
+      retention_ms: -1,
+      retention_bytes: -1,
     }
   }
 }
@@ -581,6 +607,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateTopicRequestBuilder<'a,
   #[inline]
   pub fn add_partitions(&mut self, partitions: u32) {
     self.fbb_.push_slot::<u32>(CreateTopicRequest::VT_PARTITIONS, partitions, 0);
+  }
+  #[inline]
+  pub fn add_retention_ms(&mut self, retention_ms: i64) {
+    self.fbb_.push_slot::<i64>(CreateTopicRequest::VT_RETENTION_MS, retention_ms, -1);
+  }
+  #[inline]
+  pub fn add_retention_bytes(&mut self, retention_bytes: i64) {
+    self.fbb_.push_slot::<i64>(CreateTopicRequest::VT_RETENTION_BYTES, retention_bytes, -1);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateTopicRequestBuilder<'a, 'b, A> {
@@ -603,6 +637,8 @@ impl ::core::fmt::Debug for CreateTopicRequest<'_> {
     let mut ds = f.debug_struct("CreateTopicRequest");
       ds.field("name", &self.name());
       ds.field("partitions", &self.partitions());
+      ds.field("retention_ms", &self.retention_ms());
+      ds.field("retention_bytes", &self.retention_bytes());
       ds.finish()
   }
 }
@@ -1008,6 +1044,8 @@ impl<'a> ::flatbuffers::Follow<'a> for TopicInfo<'a> {
 impl<'a> TopicInfo<'a> {
   pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
   pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_RETENTION_MS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_RETENTION_BYTES: ::flatbuffers::VOffsetT = 10;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1019,6 +1057,8 @@ impl<'a> TopicInfo<'a> {
     args: &'args TopicInfoArgs<'args>
   ) -> ::flatbuffers::WIPOffset<TopicInfo<'bldr>> {
     let mut builder = TopicInfoBuilder::new(_fbb);
+    builder.add_retention_bytes(args.retention_bytes);
+    builder.add_retention_ms(args.retention_ms);
     builder.add_partitions(args.partitions);
     if let Some(x) = args.name { builder.add_name(x); }
     builder.finish()
@@ -1039,6 +1079,21 @@ impl<'a> TopicInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(TopicInfo::VT_PARTITIONS, Some(0)).unwrap()}
   }
+  /// The topic's own retention settings; -1 when it uses the broker's default.
+  #[inline]
+  pub fn retention_ms(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(TopicInfo::VT_RETENTION_MS, Some(-1)).unwrap()}
+  }
+  #[inline]
+  pub fn retention_bytes(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(TopicInfo::VT_RETENTION_BYTES, Some(-1)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for TopicInfo<'_> {
@@ -1049,6 +1104,8 @@ impl ::flatbuffers::Verifiable for TopicInfo<'_> {
     v.visit_table(pos)?
      .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
      .visit_field::<u32>("partitions", Self::VT_PARTITIONS, false)?
+     .visit_field::<i64>("retention_ms", Self::VT_RETENTION_MS, false)?
+     .visit_field::<i64>("retention_bytes", Self::VT_RETENTION_BYTES, false)?
      .finish();
     Ok(())
   }
@@ -1056,6 +1113,8 @@ impl ::flatbuffers::Verifiable for TopicInfo<'_> {
 pub struct TopicInfoArgs<'a> {
     pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
     pub partitions: u32,
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
 }
 impl<'a> Default for TopicInfoArgs<'a> {
   #[inline]
@@ -1063,6 +1122,8 @@ impl<'a> Default for TopicInfoArgs<'a> {
     TopicInfoArgs {
       name: None,
       partitions: 0,
+      retention_ms: -1,
+      retention_bytes: -1,
     }
   }
 }
@@ -1079,6 +1140,14 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopicInfoBuilder<'a, 'b, A> {
   #[inline]
   pub fn add_partitions(&mut self, partitions: u32) {
     self.fbb_.push_slot::<u32>(TopicInfo::VT_PARTITIONS, partitions, 0);
+  }
+  #[inline]
+  pub fn add_retention_ms(&mut self, retention_ms: i64) {
+    self.fbb_.push_slot::<i64>(TopicInfo::VT_RETENTION_MS, retention_ms, -1);
+  }
+  #[inline]
+  pub fn add_retention_bytes(&mut self, retention_bytes: i64) {
+    self.fbb_.push_slot::<i64>(TopicInfo::VT_RETENTION_BYTES, retention_bytes, -1);
   }
   #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopicInfoBuilder<'a, 'b, A> {
@@ -1100,6 +1169,8 @@ impl ::core::fmt::Debug for TopicInfo<'_> {
     let mut ds = f.debug_struct("TopicInfo");
       ds.field("name", &self.name());
       ds.field("partitions", &self.partitions());
+      ds.field("retention_ms", &self.retention_ms());
+      ds.field("retention_bytes", &self.retention_bytes());
       ds.finish()
   }
 }

@@ -1,0 +1,238 @@
+//! Recovery scanning: walk a segment's batches from a known-good point, checking every
+//! header, CRC and offset, and decide what an invalid batch means.
+//!
+//! - Past the checkpoint's `durable_end` nothing was acknowledged: the first invalid batch is
+//!   a torn tail, cut off by the caller.
+//! - Before it the bytes were acknowledged: an invalid batch there is corruption. It is never
+//!   cut; its offsets are recorded as a corrupt range (refused to readers, reported loudly)
+//!   and the scan resumes at the next valid batch.
+
+use super::dma;
+use super::partition_log::LogConfig;
+use super::segment::Segment;
+use super::StorageError;
+use crate::record::batch::{self, BatchHeader, HEADER_LEN};
+
+/// Offsets whose stored bytes failed their checksum.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CorruptRange {
+    /// First offset that cannot be served.
+    pub first_offset: u64,
+    /// Last offset that cannot be served.
+    pub last_offset: u64,
+    /// Where the bad bytes start in the segment file.
+    pub pos: u64,
+    /// Base offset of the segment.
+    pub segment_base: u64,
+}
+
+/// How a scan ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ScanEnd {
+    /// At zero padding or the end of the file: the log ends here.
+    Clean,
+    /// At an invalid batch past the durable point: cut the log here.
+    Torn(&'static str),
+}
+
+/// What is known to be durable in a segment: bytes below `end` were acknowledged, and the
+/// offsets below `next_offset` with them.
+#[derive(Clone, Copy, Debug)]
+pub struct DurablePoint {
+    /// Bytes of the segment known acknowledged.
+    pub end: u64,
+    /// Offset after the acknowledged records.
+    pub next_offset: u64,
+}
+
+/// A header that is intact enough to trust its length and offsets.
+fn plausible(header: &BatchHeader<'_>, pos: u64, limit: u64) -> bool {
+    let len = u64::from(header.batch_len());
+    let count = header.record_count();
+    len >= HEADER_LEN as u64
+        && pos + len <= limit
+        && header.magic() == batch::MAGIC
+        && count > 0
+        && header.last_offset_delta() == count - 1
+}
+
+/// Scans `seg` from `pos` (where offset `offset` starts) to the end of its valid data,
+/// filling in its end, next offset and index. Corrupt ranges found before the durable point
+/// are pushed to `corrupt`.
+pub async fn scan_segment(
+    seg: &mut Segment,
+    mut pos: u64,
+    offset: u64,
+    durable: DurablePoint,
+    config: &LogConfig,
+    corrupt: &mut Vec<CorruptRange>,
+) -> Result<ScanEnd, StorageError> {
+    let durable_end = durable.end;
+    let limit = seg.allocated;
+    let mut expected = offset;
+    seg.end = pos;
+    seg.next_offset = offset;
+    let mut want = config.max_io_bytes;
+    let mut force_index = false;
+    while pos < limit {
+        let len = (want as u64).min(limit - pos) as usize;
+        let window = dma::read_range(&seg.file, pos, len, config.max_io_bytes).await?;
+        let at_file_end = pos + window.len() as u64 >= limit;
+        let mut at = 0usize;
+        loop {
+            let abs = pos + at as u64;
+            let rest = &window[at..];
+            if rest.len() < HEADER_LEN {
+                if !at_file_end {
+                    break;
+                }
+                if rest.iter().all(|&b| b == 0) && abs >= durable_end {
+                    return Ok(ScanEnd::Clean);
+                }
+                if abs >= durable_end {
+                    return Ok(ScanEnd::Torn(
+                        "a partial batch header at the end of the file",
+                    ));
+                }
+            }
+            let header_bytes = &rest[..rest.len().min(HEADER_LEN)];
+            let zeros = header_bytes.len() == HEADER_LEN && header_bytes.iter().all(|&b| b == 0);
+            if zeros && abs >= durable_end {
+                return Ok(ScanEnd::Clean);
+            }
+            let header = BatchHeader::parse(rest).ok();
+            let blen = header.map_or(0, |h| h.batch_len() as usize);
+            let is_plausible = header.is_some_and(|h| plausible(&h, abs, limit));
+            if is_plausible && blen > rest.len() {
+                want = want.max(blen);
+                break;
+            }
+            let valid = is_plausible
+                && header.is_some_and(|h| h.base_offset() == expected)
+                && batch::crc_matches(&rest[..blen]);
+            if let (true, Some(h)) = (valid, header) {
+                if force_index {
+                    seg.force_index(h.base_offset(), abs);
+                    force_index = false;
+                }
+                seg.record_batch(
+                    abs,
+                    blen as u64,
+                    h.base_offset(),
+                    h.last_offset(),
+                    h.max_timestamp_ms(),
+                    config.index_interval_bytes,
+                );
+                expected = h.last_offset() + 1;
+                at += blen;
+                continue;
+            }
+            if abs >= durable_end {
+                let why = if !is_plausible {
+                    "a batch header that is not valid"
+                } else if header.is_some_and(|h| h.base_offset() != expected) {
+                    "a batch whose offset does not follow the previous one"
+                } else {
+                    "a batch whose CRC32C does not match"
+                };
+                return Ok(ScanEnd::Torn(why));
+            }
+            // Acknowledged bytes that fail their check: corruption, never cut.
+            force_index = true;
+            let intact_header =
+                !zeros && is_plausible && header.is_some_and(|h| h.base_offset() == expected);
+            if let (true, Some(h)) = (intact_header, header) {
+                report(seg, abs, expected, h.last_offset(), corrupt);
+                expected = h.last_offset() + 1;
+                seg.end = abs + blen as u64;
+                seg.next_offset = expected;
+                at += blen;
+                continue;
+            }
+            match resync(seg, abs + 1, expected, limit, config).await? {
+                Some((next_pos, next_base)) => {
+                    report(seg, abs, expected, next_base - 1, corrupt);
+                    expected = next_base;
+                    seg.next_offset = expected;
+                    pos = next_pos;
+                    at = 0;
+                    want = config.max_io_bytes;
+                    break;
+                }
+                None => {
+                    // Nothing valid follows. Zeros up to the durable point with nothing
+                    // missing are unused preallocated space; otherwise the acknowledged
+                    // offsets up to the durable point are lost and reported.
+                    if durable.next_offset > expected {
+                        report(seg, abs, expected, durable.next_offset - 1, corrupt);
+                        seg.end = durable_end;
+                        seg.next_offset = durable.next_offset;
+                    }
+                    return Ok(ScanEnd::Clean);
+                }
+            }
+        }
+        pos += at as u64;
+    }
+    Ok(ScanEnd::Clean)
+}
+
+fn report(seg: &Segment, pos: u64, first: u64, last: u64, corrupt: &mut Vec<CorruptRange>) {
+    eprintln!(
+        "corebus: CORRUPT acknowledged data in {} at byte {pos}: offsets {first}..={last} fail their \
+         checksum; they are not served and not truncated (restore them from a replica or backup)",
+        seg.path("log").display()
+    );
+    corrupt.push(CorruptRange {
+        first_offset: first,
+        last_offset: last,
+        pos,
+        segment_base: seg.base_offset,
+    });
+}
+
+/// Finds the next valid batch at or after `from` whose base offset is at least `expected`.
+async fn resync(
+    seg: &Segment,
+    from: u64,
+    expected: u64,
+    limit: u64,
+    config: &LogConfig,
+) -> Result<Option<(u64, u64)>, StorageError> {
+    let mut pos = from;
+    while pos + HEADER_LEN as u64 <= limit {
+        let len = (config.max_io_bytes as u64).min(limit - pos) as usize;
+        let window = dma::read_range(&seg.file, pos, len, config.max_io_bytes).await?;
+        if window.len() < HEADER_LEN {
+            break;
+        }
+        for at in 0..=window.len() - HEADER_LEN {
+            // Cheap filter first: the magic field, then the header's own sanity.
+            if window[at + 28] != 1 || window[at + 29] != 0 {
+                continue;
+            }
+            let Ok(h) = BatchHeader::parse(&window[at..]) else {
+                continue;
+            };
+            let abs = pos + at as u64;
+            if !plausible(&h, abs, limit)
+                || h.base_offset() < expected
+                || h.base_offset() - expected > (1 << 40)
+            {
+                continue;
+            }
+            let blen = h.batch_len() as usize;
+            let ok = if at + blen <= window.len() {
+                batch::crc_matches(&window[at..at + blen])
+            } else {
+                let bytes = dma::read_range(&seg.file, abs, blen, config.max_io_bytes).await?;
+                batch::crc_matches(&bytes)
+            };
+            if ok {
+                return Ok(Some((abs, h.base_offset())));
+            }
+        }
+        pos += (window.len() - HEADER_LEN + 1) as u64;
+    }
+    Ok(None)
+}
