@@ -65,25 +65,54 @@ pub struct Broker {
     /// Number of shards.
     pub shards: u16,
     extra: Vec<String>,
+    env: Vec<(String, String)>,
     log: PathBuf,
     starts: u32,
+    owns_data_dir: bool,
 }
 
 impl Broker {
     /// Starts a broker with `shards` shards on a fresh data directory.
     pub fn start(name: &str, shards: u16, extra: &[&str]) -> Self {
-        let data_dir = fresh_dir(name);
+        Self::start_with(name, shards, extra, &[], None)
+    }
+
+    /// Starts a broker with extra environment variables, on `data_dir` if given (kept after
+    /// the test) or on a fresh directory.
+    pub fn start_with(
+        name: &str,
+        shards: u16,
+        extra: &[&str],
+        env: &[(&str, &str)],
+        data_dir: Option<PathBuf>,
+    ) -> Self {
+        let owns_data_dir = data_dir.is_none();
+        let data_dir = data_dir.unwrap_or_else(|| fresh_dir(name));
+        let log = fresh_dir(&format!("{name}-log")).join("broker.log");
         let mut broker = Self {
             child: None,
-            log: data_dir.with_extension("log"),
+            log,
             data_dir,
             port: 0,
             shards,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             starts: 0,
+            owns_data_dir,
         };
         broker.launch_on_free_port();
         broker
+    }
+
+    /// Changes the environment used by the next restart.
+    pub fn set_env(&mut self, env: &[(&str, &str)]) {
+        self.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
     }
 
     fn launch_on_free_port(&mut self) {
@@ -111,6 +140,7 @@ impl Broker {
             .arg("--io-memory-mib")
             .arg("16")
             .args(&self.extra)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -207,8 +237,12 @@ impl Broker {
 impl Drop for Broker {
     fn drop(&mut self) {
         self.kill9();
-        let _ = std::fs::remove_dir_all(&self.data_dir);
-        let _ = std::fs::remove_file(&self.log);
+        if self.owns_data_dir {
+            let _ = std::fs::remove_dir_all(&self.data_dir);
+        }
+        if let Some(dir) = self.log.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -261,4 +295,57 @@ pub fn read_frame(stream: &mut TcpStream) -> Option<Vec<u8>> {
     frame.resize(4 + n, 0);
     stream.read_exact(&mut frame[4..]).ok()?;
     Some(frame)
+}
+
+/// One consumed message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Consumed {
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: u64,
+    /// Value.
+    pub value: String,
+}
+
+/// Parses `consume --format json` output.
+pub fn parse_consumed(stdout: &str) -> Vec<Consumed> {
+    stdout
+        .lines()
+        .map(|row| {
+            let v: serde_json::Value = serde_json::from_str(row).expect("json line");
+            Consumed {
+                partition: v["partition"].as_u64().expect("partition") as u32,
+                offset: v["offset"].as_u64().expect("offset"),
+                value: v["value"].as_str().expect("value").to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Parses `publish --print-acks` output into (line, partition, offset).
+pub fn parse_acks(stdout: &str) -> Vec<(usize, u32, u64)> {
+    stdout
+        .lines()
+        .filter_map(|row| {
+            let mut parts = row.split_whitespace();
+            Some((
+                parts.next()?.parse().ok()?,
+                parts.next()?.parse().ok()?,
+                parts.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Runs a shell command as part of a test's setup, failing the test with its output.
+pub fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(
+        out.status.success(),
+        "`{cmd}` failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
