@@ -25,8 +25,25 @@ pub struct BrokerConfig {
     pub max_frame_bytes: usize,
     /// Most records accepted in one batch.
     pub max_batch_records: u32,
+    /// Largest record batch accepted.
+    pub max_batch_bytes: usize,
     /// Requests one connection may have in flight before the broker stops reading from it.
     pub max_inflight_per_connection: usize,
+    /// Bytes of requests one connection may have in flight before the broker stops reading.
+    pub max_buffered_bytes_per_connection: usize,
+    /// Connections one shard serves at once; more are closed on accept.
+    pub max_connections_per_shard: usize,
+    /// Connections the broker serves at once, over all shards.
+    pub max_connections: usize,
+    /// A connection with no request in flight and nothing received for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// Time a client has to send a whole frame once it started one (against slow senders);
+    /// also the longest a reply may wait for the client to read it.
+    pub frame_timeout_ms: u64,
+    /// Most topics.
+    pub max_topics: usize,
+    /// Most partitions over all topics.
+    pub max_partitions_total: u64,
     /// Most partitions a topic may have.
     pub max_partitions_per_topic: u32,
     /// Most bytes returned by one fetch.
@@ -70,7 +87,15 @@ impl BrokerConfig {
             durability: Durability::Sync,
             max_frame_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
             max_batch_records: 100_000,
+            max_batch_bytes: crate::protocol::DEFAULT_MAX_FRAME_BYTES,
             max_inflight_per_connection: 256,
+            max_buffered_bytes_per_connection: 64 << 20,
+            max_connections_per_shard: 10_000,
+            max_connections: 50_000,
+            idle_timeout_ms: 600_000,
+            frame_timeout_ms: 30_000,
+            max_topics: 10_000,
+            max_partitions_total: 100_000,
             max_partitions_per_topic: 10_000,
             max_fetch_bytes: 8 << 20,
             max_fetch_wait_ms: 60_000,
@@ -155,6 +180,20 @@ impl BrokerConfig {
                 "--preallocate-bytes must be at least 4096, got {}",
                 self.preallocate_bytes
             ));
+        }
+        if self.max_buffered_bytes_per_connection < self.max_frame_bytes {
+            return Err(format!(
+                "--max-buffered-bytes-per-connection ({}) must be at least --max-frame-bytes ({})",
+                self.max_buffered_bytes_per_connection, self.max_frame_bytes
+            ));
+        }
+        if self.max_connections == 0 || self.max_connections_per_shard == 0 {
+            return Err(
+                "--max-connections and --max-connections-per-shard must be at least 1".into(),
+            );
+        }
+        if self.idle_timeout_ms < 10 || self.frame_timeout_ms < 10 {
+            return Err("--idle-timeout and --frame-timeout must be at least 10ms".into());
         }
         if self.max_inflight_per_connection == 0 {
             return Err("--max-inflight-per-connection must be at least 1".into());

@@ -83,11 +83,14 @@ pub fn run(config: BrokerConfig) -> Result<(), String> {
     let mesh = MeshBuilder::<ShardMessage, _>::full(config.shards, MESH_CHANNEL_CAPACITY);
     let (ready_tx, ready_rx) = mpsc::channel::<Result<usize, String>>();
     let shard_config = Arc::clone(&config);
+    let connections = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let handles = LocalExecutorPoolBuilder::new(placement)
         .name("corebus-shard")
         .io_memory(config.io_memory_bytes)
         .ring_depth(1024)
-        .on_all_shards(move || async move { run_shard(shard_config, mesh, ready_tx).await })
+        .on_all_shards(
+            move || async move { run_shard(shard_config, mesh, ready_tx, connections).await },
+        )
         .map_err(|e| format!("starting shard executors: {e}"))?;
     let mut failure = None;
     for _ in 0..config.shards {
@@ -159,6 +162,7 @@ async fn run_shard(
     config: Arc<BrokerConfig>,
     mesh: MeshBuilder<ShardMessage, glommio::channels::channel_mesh::Full>,
     ready: mpsc::Sender<Result<usize, String>>,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
 ) -> Result<(), String> {
     let started = start_shard(config, mesh).await;
     let (shard, receivers, listeners) = match started {
@@ -170,9 +174,10 @@ async fn run_shard(
     };
     let mesh_task = glommio::spawn_local(mesh::serve_mesh(Rc::clone(&shard), receivers));
     let maintenance = glommio::spawn_local(Rc::clone(&shard).run_maintenance());
+    let counts = server::ConnectionCounts::new(connections);
     let accepts: Vec<_> = listeners
         .into_iter()
-        .map(|l| glommio::spawn_local(server::accept_loop(Rc::clone(&shard), l)))
+        .map(|l| glommio::spawn_local(server::accept_loop(Rc::clone(&shard), l, counts.clone())))
         .collect();
     let _ = ready.send(Ok(shard.id));
     while !SHUTDOWN.load(Ordering::SeqCst) {

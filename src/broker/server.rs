@@ -1,15 +1,24 @@
 //! The life of a shard's network side in one place: bind the public and the shard port,
-//! accept, serve each connection (pipelined requests, replies in any order), and stop on
-//! shutdown.
+//! accept within the connection limits, serve each connection (pipelined requests, replies in
+//! any order) within its limits, and stop on shutdown.
 //!
-//! Limits live here: frames over `max_frame_bytes` are refused before allocation, and a
-//! connection with `max_inflight_per_connection` requests in flight is not read from until
-//! one finishes (back-pressure instead of buffering).
+//! Limits, all in `BrokerConfig`:
+//! - `max_connections_per_shard` / `max_connections`: connections past them are closed at once.
+//! - `max_frame_bytes`: checked on the length prefix, before anything is allocated for it.
+//! - `max_inflight_per_connection` and `max_buffered_bytes_per_connection`: when a connection
+//!   has that many requests or bytes in flight, the broker stops reading from it until one
+//!   finishes (back-pressure through TCP instead of buffering).
+//! - `frame_timeout_ms`: a frame must arrive whole within it (slow senders are cut off), and a
+//!   reply must be taken by the client within it (clients that stop reading are cut off).
+//! - `idle_timeout_ms`: a connection with nothing in flight and nothing received is closed.
 
-use std::net::SocketAddr;
+use std::cell::Cell;
+use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use futures_lite::AsyncWriteExt;
 use glommio::channels::local_channel::{self, LocalReceiver};
@@ -35,16 +44,82 @@ pub fn bind(shard: &Shard) -> Result<Vec<TcpListener>, String> {
     Ok(listeners)
 }
 
+/// Open connections: this shard's, and the broker's over all shards. The broker-wide count is
+/// one atomic touched only when a connection opens or closes, never per request.
+#[derive(Clone)]
+pub struct ConnectionCounts {
+    shard: Rc<Cell<usize>>,
+    total: Arc<AtomicUsize>,
+}
+
+impl ConnectionCounts {
+    /// Counts for one shard, sharing the broker-wide `total`.
+    pub fn new(total: Arc<AtomicUsize>) -> Self {
+        Self {
+            shard: Rc::new(Cell::new(0)),
+            total,
+        }
+    }
+
+    /// Takes a place for a new connection, or `None` if a limit is reached.
+    fn admit(&self, shard: &Shard) -> Option<ConnectionSlot> {
+        if self.shard.get() >= shard.config.max_connections_per_shard {
+            return None;
+        }
+        if self.total.fetch_add(1, Ordering::Relaxed) >= shard.config.max_connections {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        self.shard.set(self.shard.get() + 1);
+        Some(ConnectionSlot {
+            counts: self.clone(),
+        })
+    }
+
+    /// Connections this shard serves now.
+    pub fn open(&self) -> usize {
+        self.shard.get()
+    }
+}
+
+/// A connection's place in the counts, given back on drop.
+struct ConnectionSlot {
+    counts: ConnectionCounts,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.counts.shard.set(self.counts.shard.get() - 1);
+        self.counts.total.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Accepts connections on `listener` until the task is dropped; each connection is served
 /// by its own task.
-pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
+pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, counts: ConnectionCounts) {
     let mut backoff = Duration::from_millis(1);
+    let mut refused = 0u64;
     loop {
         match listener.accept().await {
             Ok(stream) => {
                 backoff = Duration::from_millis(1);
+                let Some(slot) = counts.admit(&shard) else {
+                    refused += 1;
+                    if refused.is_power_of_two() {
+                        eprintln!(
+                            "corebus: shard {}: connection limit reached; {refused} connection(s) refused so far",
+                            shard.id
+                        );
+                    }
+                    drop(stream);
+                    continue;
+                };
                 let shard = Rc::clone(&shard);
-                glommio::spawn_local(async move { serve_connection(shard, stream).await }).detach();
+                glommio::spawn_local(async move {
+                    serve_connection(shard, stream).await;
+                    drop(slot);
+                })
+                .detach();
             }
             Err(e) => {
                 // Out of file descriptors or a transient error: back off, never spin.
@@ -59,9 +134,15 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener) {
 /// Serves one connection: reads frames, runs each request as its own task, and writes the
 /// replies in completion order through a single writer task.
 async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
+    let config = &shard.config;
     let _ = stream.set_nodelay(true);
+    let idle = Duration::from_millis(config.idle_timeout_ms);
+    let frame_deadline = Duration::from_millis(config.frame_timeout_ms);
+    // Reads wake up at least this often so that the deadlines are checked.
+    let _ = stream.set_read_timeout(Some(idle.min(frame_deadline)));
     // A second descriptor for the same socket lets the writer run beside the reader without
     // a lock between them.
+    // SAFETY: dup returns a fresh descriptor (or -1, checked) that only we own.
     let write_fd = unsafe { libc::dup(stream.as_raw_fd()) };
     if write_fd < 0 {
         eprintln!(
@@ -73,23 +154,46 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     }
     // SAFETY: `write_fd` is a fresh descriptor that nothing else owns.
     let write_half = unsafe { TcpStream::from_raw_fd(write_fd) };
-    let inflight = shard.config.max_inflight_per_connection;
+    let _ = write_half.set_write_timeout(Some(frame_deadline));
+    let inflight = config.max_inflight_per_connection;
     let (replies, outbox) = local_channel::new_bounded::<OutFrame>(inflight);
     let replies = Rc::new(replies);
     let writer = glommio::spawn_local(write_loop(write_half, outbox));
-    let permits = Rc::new(Semaphore::new(inflight as u64));
-    let mut reader = FrameReader::new(stream, shard.config.max_frame_bytes);
+    let requests = Rc::new(Semaphore::new(inflight as u64));
+    let bytes = Rc::new(Semaphore::new(
+        config.max_buffered_bytes_per_connection as u64,
+    ));
+    let mut reader = FrameReader::new(stream, config.max_frame_bytes);
+    let mut last_frame = Instant::now();
     loop {
         let frame = match reader.next_frame().await {
             Ok(Some(frame)) => frame,
-            Ok(None) | Err(FrameError::UnexpectedEof) | Err(FrameError::Io(_)) => break,
+            Ok(None) | Err(FrameError::UnexpectedEof) => break,
+            Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
+                if reader
+                    .partial_frame_age()
+                    .is_some_and(|age| age >= frame_deadline)
+                {
+                    break; // a slow sender: the frame did not arrive in time
+                }
+                let nothing_in_flight = requests.available() == inflight as u64;
+                if nothing_in_flight && last_frame.elapsed() >= idle {
+                    break;
+                }
+                continue;
+            }
+            Err(FrameError::Io(_)) => break,
             Err(e @ FrameError::TooLarge { .. }) => {
                 let err = ApiError::new(ErrorCode::TooLarge, e.to_string());
                 let _ = replies.send(error_response(0, &err)).await;
                 break;
             }
         };
-        let Ok(permit) = permits.acquire_static_permit(1).await else {
+        last_frame = Instant::now();
+        let Ok(request_permit) = requests.acquire_static_permit(1).await else {
+            break;
+        };
+        let Ok(byte_permit) = bytes.acquire_static_permit(frame.len() as u64).await else {
             break;
         };
         let shard = Rc::clone(&shard);
@@ -98,7 +202,7 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
             let _request = shard.track_request();
             let reply = handlers::dispatch(&shard, frame).await;
             let _ = replies.send(reply).await;
-            drop(permit);
+            drop((request_permit, byte_permit));
         })
         .detach();
     }
@@ -106,10 +210,12 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     let _ = writer.await;
 }
 
-/// Writes replies as they come; ends when every sender is gone or the peer stops reading.
+/// Writes replies as they come; ends when every sender is gone or the peer stops reading
+/// (then the socket is shut down, which also ends the reader).
 async fn write_loop(mut stream: TcpStream, outbox: LocalReceiver<OutFrame>) {
     while let Some(frame) = outbox.recv().await {
         if stream.write_all(frame.as_bytes()).await.is_err() {
+            let _ = stream.shutdown(Shutdown::Both).await;
             return;
         }
     }

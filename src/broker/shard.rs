@@ -222,7 +222,11 @@ impl Shard {
         bytes: Bytes,
     ) -> Result<(u64, u64), ApiError> {
         let log = self.log(topic, partition)?;
-        let batches = split_batches(&bytes, self.config.max_batch_records)?;
+        let batches = split_batches(
+            &bytes,
+            self.config.max_batch_records,
+            self.config.max_batch_bytes,
+        )?;
         let ticket = log
             .append(&batches, now_ms())
             .await
@@ -368,6 +372,25 @@ impl Shard {
                         format!("topic '{name}' already exists"),
                     ));
                 }
+                let partitions: u64 = topics.values().map(|t| u64::from(t.partitions)).sum();
+                if topics.len() >= self.config.max_topics {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "the broker holds its maximum of {} topics",
+                            self.config.max_topics
+                        ),
+                    ));
+                }
+                if partitions + u64::from(config.partitions) > self.config.max_partitions_total {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "{} more partitions would exceed the broker's maximum of {} (it has {partitions})",
+                            config.partitions, self.config.max_partitions_total
+                        ),
+                    ));
+                }
                 topics.insert(name.clone(), *config);
             }
             TopicChange::Deleted { name } => {
@@ -482,10 +505,29 @@ impl Shard {
 }
 
 /// Splits the bytes of one partition's produce into whole, validated batches.
-fn split_batches(bytes: &Bytes, max_records: u32) -> Result<Vec<Bytes>, ApiError> {
+fn split_batches(
+    bytes: &Bytes,
+    max_records: u32,
+    max_batch_bytes: usize,
+) -> Result<Vec<Bytes>, ApiError> {
     let mut batches = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
+        let header = crate::record::BatchHeader::parse(&bytes[at..]).map_err(|e| {
+            ApiError::new(
+                ErrorCode::CorruptBatch,
+                format!("batch at byte {at} of the request: {e}"),
+            )
+        })?;
+        if header.batch_len() as usize > max_batch_bytes {
+            return Err(ApiError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "batch of {} bytes exceeds the maximum of {max_batch_bytes} bytes",
+                    header.batch_len()
+                ),
+            ));
+        }
         let batch = Batch::validate(&bytes[at..], max_records).map_err(|e| {
             ApiError::new(
                 ErrorCode::CorruptBatch,

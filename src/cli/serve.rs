@@ -25,12 +25,42 @@ pub struct ServeArgs {
     /// When produces are acknowledged.
     #[arg(long, value_enum, default_value = "sync")]
     durability: Durability,
-    /// Largest accepted frame, in bytes.
-    #[arg(long, default_value_t = corebus::protocol::DEFAULT_MAX_FRAME_BYTES)]
-    max_frame_bytes: usize,
+    /// Largest accepted frame (e.g. 16MiB).
+    #[arg(long, default_value = "16MiB", value_parser = super::parse_bytes)]
+    max_frame_bytes: u64,
     /// Requests one connection may have in flight before the broker stops reading from it.
     #[arg(long, default_value_t = 256)]
     max_inflight_per_connection: usize,
+    /// Bytes of requests one connection may have in flight before the broker stops reading.
+    #[arg(long, default_value = "64MiB", value_parser = super::parse_bytes)]
+    max_buffered_bytes_per_connection: u64,
+    /// Largest record batch accepted.
+    #[arg(long, default_value = "16MiB", value_parser = super::parse_bytes)]
+    max_batch_bytes: u64,
+    /// Most records in one batch.
+    #[arg(long, default_value_t = 100_000)]
+    max_batch_records: u32,
+    /// Connections one shard serves at once; more are closed on accept.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections_per_shard: usize,
+    /// Connections the broker serves at once, over all shards.
+    #[arg(long, default_value_t = 50_000)]
+    max_connections: usize,
+    /// Close connections with nothing in flight and nothing received for this long.
+    #[arg(long, default_value = "10m", value_parser = super::parse_millis)]
+    idle_timeout: u64,
+    /// Time a client has to send a whole frame, and to take a reply.
+    #[arg(long, default_value = "30s", value_parser = super::parse_millis)]
+    frame_timeout: u64,
+    /// Most topics.
+    #[arg(long, default_value_t = 10_000)]
+    max_topics: usize,
+    /// Most partitions over all topics.
+    #[arg(long, default_value_t = 100_000)]
+    max_partitions_total: u64,
+    /// Most partitions in one topic.
+    #[arg(long, default_value_t = 10_000)]
+    max_partitions_per_topic: u32,
     /// DMA buffer pool per shard, in MiB (glommio io_memory).
     #[arg(long, default_value_t = 64)]
     io_memory_mib: usize,
@@ -73,8 +103,18 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
         }
     }
     config.durability = args.durability;
-    config.max_frame_bytes = args.max_frame_bytes;
+    config.max_frame_bytes = args.max_frame_bytes as usize;
     config.max_inflight_per_connection = args.max_inflight_per_connection;
+    config.max_buffered_bytes_per_connection = args.max_buffered_bytes_per_connection as usize;
+    config.max_batch_bytes = args.max_batch_bytes as usize;
+    config.max_batch_records = args.max_batch_records;
+    config.max_connections_per_shard = args.max_connections_per_shard;
+    config.max_connections = args.max_connections;
+    config.idle_timeout_ms = args.idle_timeout;
+    config.frame_timeout_ms = args.frame_timeout;
+    config.max_topics = args.max_topics;
+    config.max_partitions_total = args.max_partitions_total;
+    config.max_partitions_per_topic = args.max_partitions_per_topic;
     config.io_memory_bytes = args.io_memory_mib << 20;
     config.cache_bytes_per_partition = args.cache_mib_per_partition << 20;
     config.segment_bytes = args.segment_bytes;

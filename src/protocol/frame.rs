@@ -45,6 +45,8 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     max_frame_bytes: usize,
+    /// When the first byte of the frame now being read arrived.
+    partial_since: Option<std::time::Instant>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -54,6 +56,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             inner,
             buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
             max_frame_bytes,
+            partial_since: None,
         }
     }
 
@@ -72,7 +75,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     });
                 }
                 if self.buf.len() >= 4 + len {
-                    return Ok(Some(self.buf.split_to(4 + len).freeze()));
+                    let frame = self.buf.split_to(4 + len).freeze();
+                    self.partial_since = (!self.buf.is_empty()).then(std::time::Instant::now);
+                    return Ok(Some(frame));
                 }
                 self.buf.reserve(4 + len - self.buf.len());
             }
@@ -88,6 +93,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             };
             self.buf.truncate(start + n);
+            if n > 0 && start == 0 {
+                self.partial_since = Some(std::time::Instant::now());
+            }
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
@@ -98,9 +106,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// True when part of a frame has been read but not the whole of it.
-    pub fn has_partial_frame(&self) -> bool {
-        !self.buf.is_empty()
+    /// How long the frame now being read has been arriving; `None` between frames.
+    pub fn partial_frame_age(&self) -> Option<std::time::Duration> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        self.partial_since.map(|t| t.elapsed())
     }
 }
 
