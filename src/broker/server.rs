@@ -164,11 +164,12 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
         config.max_buffered_bytes_per_connection as u64,
     ));
     let mut reader = FrameReader::new(stream, config.max_frame_bytes);
+    reader.set_frame_deadline(frame_deadline);
     let mut last_frame = Instant::now();
     loop {
         let frame = match reader.next_frame().await {
             Ok(Some(frame)) => frame,
-            Ok(None) | Err(FrameError::UnexpectedEof) => break,
+            Ok(None) | Err(FrameError::UnexpectedEof) | Err(FrameError::TooSlow(_)) => break,
             Err(FrameError::Io(e)) if e.kind() == std::io::ErrorKind::TimedOut => {
                 if reader
                     .partial_frame_age()

@@ -21,6 +21,8 @@ pub enum FrameError {
     },
     /// The peer closed the connection in the middle of a frame.
     UnexpectedEof,
+    /// The peer took longer than the frame deadline to send a whole frame.
+    TooSlow(std::time::Duration),
     /// The socket failed.
     Io(std::io::Error),
 }
@@ -32,6 +34,7 @@ impl std::fmt::Display for FrameError {
                 write!(f, "frame of {len} bytes exceeds the maximum of {max} bytes")
             }
             Self::UnexpectedEof => write!(f, "connection closed in the middle of a frame"),
+            Self::TooSlow(d) => write!(f, "a frame took more than {d:?} to arrive"),
             Self::Io(e) => write!(f, "socket read failed: {e}"),
         }
     }
@@ -47,6 +50,8 @@ pub struct FrameReader<R> {
     max_frame_bytes: usize,
     /// When the first byte of the frame now being read arrived.
     partial_since: Option<std::time::Instant>,
+    /// How long one frame may take to arrive, if limited.
+    frame_deadline: Option<std::time::Duration>,
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
@@ -57,7 +62,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
             max_frame_bytes,
             partial_since: None,
+            frame_deadline: None,
         }
+    }
+
+    /// Limits how long one frame may take to arrive once its first byte came (against slow
+    /// senders). Checked after every read.
+    pub fn set_frame_deadline(&mut self, deadline: std::time::Duration) {
+        self.frame_deadline = Some(deadline);
     }
 
     /// The next whole frame, length prefix included (FlatBuffers alignment is relative to the
@@ -96,6 +108,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if n > 0 && start == 0 {
                 self.partial_since = Some(std::time::Instant::now());
             }
+            if let (Some(deadline), Some(age)) = (self.frame_deadline, self.partial_frame_age()) {
+                if age > deadline && !self.holds_whole_frame() {
+                    return Err(FrameError::TooSlow(deadline));
+                }
+            }
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(None)
@@ -104,6 +121,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
         }
+    }
+
+    fn holds_whole_frame(&self) -> bool {
+        self.buf.len() >= 4
+            && self.buf.len()
+                >= 4 + u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
+                    as usize
     }
 
     /// How long the frame now being read has been arriving; `None` between frames.
