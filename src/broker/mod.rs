@@ -72,8 +72,8 @@ pub fn run(config: BrokerConfig) -> Result<(), String> {
     } else if config.shards <= cpus {
         PoolPlacement::MaxSpread(config.shards, None)
     } else {
-        eprintln!(
-            "corebus: {} shards on {cpus} CPUs: shards are not pinned",
+        tracing::warn!(
+            "{} shards on {cpus} CPUs: shards are not pinned",
             config.shards
         );
         PoolPlacement::Unbound(config.shards)
@@ -108,7 +108,7 @@ pub fn run(config: BrokerConfig) -> Result<(), String> {
     if failure.is_some() {
         request_shutdown();
     } else {
-        eprintln!(
+        tracing::info!(
             "corebus ready: listening on {} (shard ports {}..={}), {} shards, data dir {}, durability {}",
             config.listen,
             config.shard_port(0),
@@ -132,7 +132,7 @@ pub fn run(config: BrokerConfig) -> Result<(), String> {
     match failure {
         Some(e) => Err(e),
         None => {
-            eprintln!("corebus: clean shutdown");
+            tracing::info!("clean shutdown");
             Ok(())
         }
     }
@@ -149,8 +149,8 @@ fn report_io_memory(config: &BrokerConfig) {
         && limit.rlim_cur != libc::RLIM_INFINITY
         && (limit.rlim_cur as usize) < config.io_memory_bytes
     {
-        eprintln!(
-            "corebus: DMA pool of {} MiB per shard is above RLIMIT_MEMLOCK ({} KiB): it works but is \
+        tracing::warn!(
+            "DMA pool of {} MiB per shard is above RLIMIT_MEMLOCK ({} KiB): it works but is \
              not registered with io_uring (raise LimitMEMLOCK for registered buffers)",
             config.io_memory_bytes >> 20,
             limit.rlim_cur >> 10

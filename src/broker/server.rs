@@ -106,8 +106,8 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, counts: Connec
                 let Some(slot) = counts.admit(&shard) else {
                     refused += 1;
                     if refused.is_power_of_two() {
-                        eprintln!(
-                            "corebus: shard {}: connection limit reached; {refused} connection(s) refused so far",
+                        tracing::warn!(
+                            "shard {}: connection limit reached; {refused} connection(s) refused so far",
                             shard.id
                         );
                     }
@@ -123,7 +123,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, counts: Connec
             }
             Err(e) => {
                 // Out of file descriptors or a transient error: back off, never spin.
-                eprintln!("corebus: shard {}: accept failed: {e}", shard.id);
+                tracing::warn!("shard {}: accept failed: {e}", shard.id);
                 glommio::timer::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
@@ -145,8 +145,8 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     // SAFETY: dup returns a fresh descriptor (or -1, checked) that only we own.
     let write_fd = unsafe { libc::dup(stream.as_raw_fd()) };
     if write_fd < 0 {
-        eprintln!(
-            "corebus: shard {}: dup of a connection failed: {}",
+        tracing::warn!(
+            "shard {}: dup of a connection failed: {}",
             shard.id,
             std::io::Error::last_os_error()
         );

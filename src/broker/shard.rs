@@ -97,7 +97,7 @@ impl Shard {
         }
         let probes = Rc::new(FailureProbes::from_env()?);
         if !probes.is_empty() && id == 0 {
-            eprintln!("corebus: WARNING: failure probes are armed (COREBUS_FAILURE_PROBES): test use only");
+            tracing::warn!("failure probes are armed (COREBUS_FAILURE_PROBES): test use only");
         }
         let shard = Rc::new(Self {
             id,
@@ -477,7 +477,7 @@ impl Shard {
             glommio::timer::sleep(checkpoint_every.min(retention_every)).await;
             for log in self.logs() {
                 if let Err(e) = log.checkpoint().await {
-                    eprintln!("corebus: checkpoint of {} failed: {e}", log.dir().display());
+                    tracing::error!("checkpoint of {} failed: {e}", log.dir().display());
                 }
             }
             if std::time::Instant::now() >= next_retention {
@@ -486,8 +486,8 @@ impl Shard {
                 for log in self.logs() {
                     let deleted = log.enforce_retention(now).await;
                     if deleted > 0 {
-                        eprintln!(
-                            "corebus: retention deleted {deleted} segment(s) of {}; log starts at offset {}",
+                        tracing::info!(
+                            "retention deleted {deleted} segment(s) of {}; log starts at offset {}",
                             log.dir().display(),
                             log.log_start_offset()
                         );
@@ -578,7 +578,7 @@ fn remove_unknown_topic_dirs(config: &BrokerConfig, topics: &TopicMap) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !topics.contains_key(&name) {
-            eprintln!("corebus: removing data of deleted topic '{name}'");
+            tracing::info!("removing data of deleted topic '{name}'");
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }

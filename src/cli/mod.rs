@@ -17,6 +17,24 @@ use corebus::client::{Client, ClientOptions};
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log level or filter (error, warn, info, debug, trace, or a tracing filter such as
+    /// `corebus=debug`); default: info for `serve`, warn otherwise.
+    #[arg(long, env = "COREBUS_LOG", global = true)]
+    log_level: Option<String>,
+}
+
+/// Sends structured logs to stderr at the chosen level.
+fn init_logging(level: &str) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("--log-level '{level}': {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    Ok(())
 }
 
 /// Options every client subcommand takes.
@@ -68,6 +86,12 @@ enum Command {
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<ExitCode, String> {
+    let default_level = if matches!(cli.command, Command::Serve(_)) {
+        "info"
+    } else {
+        "warn"
+    };
+    init_logging(cli.log_level.as_deref().unwrap_or(default_level))?;
     match cli.command {
         Command::Serve(args) => serve::run(args),
         Command::Topic { command, client } => client_block_on(topic::run(command, client)),

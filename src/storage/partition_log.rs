@@ -531,7 +531,10 @@ impl PartitionLog {
             .spawn_blocking(move || append.write(true))
             .await;
         if let Err(e) = written {
-            eprintln!("corebus: writing the index of a sealed segment in {} failed: {e}; it will be rebuilt", self.dir.display());
+            tracing::warn!(
+                "writing the index of a sealed segment in {} failed: {e}; it will be rebuilt",
+                self.dir.display()
+            );
         }
         let _ = sealed_file.truncate(sealed_end).await;
         let first = self.config.preallocate_bytes.min(self.config.segment_bytes);
@@ -613,15 +616,15 @@ impl PartitionLog {
         st.pending.clear();
         st.pending_bytes = 0;
         if fatal {
-            eprintln!(
-                "corebus: FATAL storage error in {}: {error}; the partition is now read-only and the \
+            tracing::error!(
+                "FATAL storage error in {}: {error}; the partition is now read-only and the \
                  sync is not retried; restart the broker after checking the disk",
                 self.dir.display()
             );
             st.failed = Some(error.to_string());
         } else {
-            eprintln!(
-                "corebus: flush of {} failed: {error}; producers get an error",
+            tracing::warn!(
+                "flush of {} failed: {error}; producers get an error",
                 self.dir.display()
             );
         }
@@ -842,8 +845,8 @@ impl PartitionLog {
                 .spawn_blocking(move || append.write(false))
                 .await;
             if let Err(e) = written {
-                eprintln!(
-                    "corebus: appending to the index in {} failed: {e}",
+                tracing::warn!(
+                    "appending to the index in {} failed: {e}",
                     self.dir.display()
                 );
             }
@@ -950,8 +953,8 @@ impl PartitionLog {
             .await;
         if written.is_ok() {
             if let Err(e) = save_checkpoint(&self.dir, checkpoint).await {
-                eprintln!(
-                    "corebus: clean-shutdown checkpoint of {} failed: {e}",
+                tracing::error!(
+                    "clean-shutdown checkpoint of {} failed: {e}",
                     self.dir.display()
                 );
             }
@@ -971,7 +974,7 @@ fn check_writable(st: &LogState) -> Result<(), StorageError> {
 
 fn corrupt_read(path: &Path, pos: u64, what: &str) -> StorageError {
     let msg = format!("stored batch at byte {pos} of {}: {what}", path.display());
-    eprintln!("corebus: CORRUPT {msg}; the range is not served");
+    tracing::error!("CORRUPT {msg}; the range is not served");
     StorageError::Corrupt(msg)
 }
 
@@ -1005,8 +1008,8 @@ async fn recover_segment(
             seg.next_offset = c.next_offset;
             seg.index.retain(|&(_, p)| p < c.durable_end);
             seg.max_timestamp_ms = seg.time_index.last().map_or(i64::MIN, |&(t, _)| t);
-            eprintln!(
-                "corebus: {}: clean start at offset {}, no scan",
+            tracing::info!(
+                "{}: clean start at offset {}, no scan",
                 path.display(),
                 c.next_offset
             );
@@ -1015,8 +1018,8 @@ async fn recover_segment(
     }
     // Start from the last index entry that points at a valid batch; else from the start.
     if !index_entry_checks_out(seg, seg.allocated, config).await? {
-        eprintln!(
-            "corebus: {}: index does not match the log; rebuilding it",
+        tracing::warn!(
+            "{}: index does not match the log; rebuilding it",
             path.display()
         );
         seg.truncate_index(0);
@@ -1049,16 +1052,16 @@ async fn recover_segment(
     match outcome {
         ScanEnd::Clean => {}
         ScanEnd::Torn(why) if active => {
-            eprintln!(
-                "corebus: recovery of {}: cut a torn tail at byte {} ({why}); it was never acknowledged",
+            tracing::warn!(
+                "recovery of {}: cut a torn tail at byte {} ({why}); it was never acknowledged",
                 path.display(),
                 seg.end
             );
             cut_tail(seg, config).await?;
         }
         ScanEnd::Torn(why) => {
-            eprintln!(
-                "corebus: recovery of {}: sealed segment ends early at byte {} ({why})",
+            tracing::warn!(
+                "recovery of {}: sealed segment ends early at byte {} ({why})",
                 path.display(),
                 seg.end
             );

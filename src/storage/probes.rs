@@ -107,8 +107,8 @@ impl FailureProbes {
             .armed
             .iter()
             .find(|a| a.point == point && (n == a.skip || (a.repeat && n > a.skip)))?;
-        eprintln!(
-            "corebus: failure probe {point:?} fired on call {} (injected errno {})",
+        tracing::warn!(
+            "failure probe {point:?} fired on call {} (injected errno {})",
             n + 1,
             fire.errno
         );

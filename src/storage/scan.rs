@@ -178,8 +178,8 @@ pub async fn scan_segment(
 }
 
 fn report(seg: &Segment, pos: u64, first: u64, last: u64, corrupt: &mut Vec<CorruptRange>) {
-    eprintln!(
-        "corebus: CORRUPT acknowledged data in {} at byte {pos}: offsets {first}..={last} fail their \
+    tracing::error!(
+        "CORRUPT acknowledged data in {} at byte {pos}: offsets {first}..={last} fail their \
          checksum; they are not served and not truncated (restore them from a replica or backup)",
         seg.path("log").display()
     );
