@@ -11,6 +11,7 @@
 
 pub mod broker;
 pub mod client;
+pub mod metrics;
 pub mod protocol;
 pub mod record;
 pub mod runtime;

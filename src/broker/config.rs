@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use std::rc::Rc;
 
+use crate::metrics::StorageMetrics;
 use crate::storage::{Durability, FailureProbes, LogConfig};
 
 /// Everything `corebus serve` needs to run.
@@ -15,6 +16,8 @@ pub struct BrokerConfig {
     /// The public address every shard accepts on (SO_REUSEPORT); shard `i` also accepts on
     /// port `listen.port() + 1 + i`.
     pub listen: SocketAddr,
+    /// Where shard 0 serves `GET /metrics` (Prometheus text format), if anywhere.
+    pub metrics_listen: Option<SocketAddr>,
     /// Number of shards (executors), each pinned to its own core when there are enough.
     pub shards: usize,
     /// The CPUs to pin shards to, one per shard; `None` spreads them over all CPUs.
@@ -82,6 +85,7 @@ impl BrokerConfig {
         Self {
             data_dir,
             listen,
+            metrics_listen: None,
             shards: 1,
             cpus: None,
             durability: Durability::Sync,
@@ -120,7 +124,7 @@ impl BrokerConfig {
     }
 
     /// The storage settings each partition log uses.
-    pub fn log_config(&self, probes: Rc<FailureProbes>) -> LogConfig {
+    pub fn log_config(&self, probes: Rc<FailureProbes>, metrics: Rc<StorageMetrics>) -> LogConfig {
         LogConfig {
             durability: self.durability,
             max_io_bytes: self.max_io_bytes,
@@ -133,6 +137,7 @@ impl BrokerConfig {
             retention_bytes: self.retention_bytes,
             retention_ms: self.retention_ms,
             probes,
+            metrics,
         }
     }
 

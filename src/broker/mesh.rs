@@ -69,6 +69,16 @@ pub enum ShardMessage {
         /// Its outcome.
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// Collect this shard's Prometheus samples.
+    Samples {
+        /// Where they go.
+        reply: oneshot::Sender<crate::metrics::Samples>,
+    },
+    /// Collect this shard's figures for `corebus stats`.
+    Figures {
+        /// Where they go.
+        reply: oneshot::Sender<super::stats::ShardFigures>,
+    },
     /// From shard 0: apply a saved topic change to this shard's state.
     ApplyTopic {
         /// The change.
@@ -118,6 +128,12 @@ async fn handle(shard: &Shard, msg: ShardMessage) {
         }
         ShardMessage::ChangeTopic { change, reply } => {
             let _ = reply.send(shard.change_topic(change).await);
+        }
+        ShardMessage::Samples { reply } => {
+            let _ = reply.send(shard.samples());
+        }
+        ShardMessage::Figures { reply } => {
+            let _ = reply.send(shard.figures());
         }
         ShardMessage::ApplyTopic { change, reply } => {
             let _ = reply.send(shard.apply_topic_change(change).await);

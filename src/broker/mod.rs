@@ -6,10 +6,12 @@
 
 pub mod config;
 pub mod handlers;
+pub mod http;
 pub mod mesh;
 pub mod metadata;
 pub mod server;
 pub mod shard;
+pub mod stats;
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -179,11 +181,26 @@ async fn run_shard(
         .into_iter()
         .map(|l| glommio::spawn_local(server::accept_loop(Rc::clone(&shard), l, counts.clone())))
         .collect();
+    let metrics_endpoint = match (shard.id, shard.config.metrics_listen) {
+        (0, Some(addr)) => match glommio::net::TcpListener::bind(addr) {
+            Ok(listener) => Some(glommio::spawn_local(http::serve_metrics(
+                Rc::clone(&shard),
+                listener,
+            ))),
+            Err(e) => {
+                let why = format!("binding the metrics endpoint {addr}: {e}");
+                let _ = ready.send(Err(why.clone()));
+                return Err(why);
+            }
+        },
+        _ => None,
+    };
     let _ = ready.send(Ok(shard.id));
     while !SHUTDOWN.load(Ordering::SeqCst) {
         glommio::timer::sleep(SHUTDOWN_POLL).await;
     }
     drop(accepts); // stop accepting
+    drop(metrics_endpoint);
     drop(maintenance);
     shard.close_logs().await;
     let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;

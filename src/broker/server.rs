@@ -12,7 +12,6 @@
 //!   reply must be taken by the client within it (clients that stop reading are cut off).
 //! - `idle_timeout_ms`: a connection with nothing in flight and nothing received is closed.
 
-use std::cell::Cell;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::rc::Rc;
@@ -44,53 +43,48 @@ pub fn bind(shard: &Shard) -> Result<Vec<TcpListener>, String> {
     Ok(listeners)
 }
 
-/// Open connections: this shard's, and the broker's over all shards. The broker-wide count is
-/// one atomic touched only when a connection opens or closes, never per request.
+/// Open connections over all shards. The broker-wide count is one atomic touched only when a
+/// connection opens or closes, never per request; each shard counts its own in its metrics.
 #[derive(Clone)]
 pub struct ConnectionCounts {
-    shard: Rc<Cell<usize>>,
     total: Arc<AtomicUsize>,
 }
 
 impl ConnectionCounts {
-    /// Counts for one shard, sharing the broker-wide `total`.
+    /// Counts sharing the broker-wide `total`.
     pub fn new(total: Arc<AtomicUsize>) -> Self {
-        Self {
-            shard: Rc::new(Cell::new(0)),
-            total,
-        }
+        Self { total }
     }
 
     /// Takes a place for a new connection, or `None` if a limit is reached.
-    fn admit(&self, shard: &Shard) -> Option<ConnectionSlot> {
-        if self.shard.get() >= shard.config.max_connections_per_shard {
+    fn admit(&self, shard: &Rc<Shard>) -> Option<ConnectionSlot> {
+        let open = &shard.metrics.connections;
+        if open.get() >= shard.config.max_connections_per_shard {
             return None;
         }
         if self.total.fetch_add(1, Ordering::Relaxed) >= shard.config.max_connections {
             self.total.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        self.shard.set(self.shard.get() + 1);
+        open.set(open.get() + 1);
         Some(ConnectionSlot {
-            counts: self.clone(),
+            total: Arc::clone(&self.total),
+            shard: Rc::clone(shard),
         })
-    }
-
-    /// Connections this shard serves now.
-    pub fn open(&self) -> usize {
-        self.shard.get()
     }
 }
 
 /// A connection's place in the counts, given back on drop.
 struct ConnectionSlot {
-    counts: ConnectionCounts,
+    total: Arc<AtomicUsize>,
+    shard: Rc<Shard>,
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        self.counts.shard.set(self.counts.shard.get() - 1);
-        self.counts.total.fetch_sub(1, Ordering::Relaxed);
+        let open = &self.shard.metrics.connections;
+        open.set(open.get().saturating_sub(1));
+        self.total.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -105,6 +99,7 @@ pub async fn accept_loop(shard: Rc<Shard>, listener: TcpListener, counts: Connec
                 backoff = Duration::from_millis(1);
                 let Some(slot) = counts.admit(&shard) else {
                     refused += 1;
+                    shard.metrics.connections_refused.set(refused);
                     if refused.is_power_of_two() {
                         tracing::warn!(
                             "shard {}: connection limit reached; {refused} connection(s) refused so far",

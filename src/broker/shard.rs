@@ -18,6 +18,7 @@ use glommio::sync::Semaphore;
 use super::config::BrokerConfig;
 use super::mesh::{PartitionOutcome, ShardMessage, TopicChange};
 use super::metadata::{partition_dir, MetadataStore, TopicConfig, TopicMap};
+use super::stats::ShardMetrics;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
 use crate::record::Batch;
@@ -60,6 +61,8 @@ pub struct Shard {
     pub config: Arc<BrokerConfig>,
     /// Fault injection for tests (empty in production).
     probes: Rc<FailureProbes>,
+    /// What this shard counts.
+    pub metrics: ShardMetrics,
     /// This shard's copy of the topic list, updated by messages from shard 0.
     topics: RefCell<TopicMap>,
     /// Partition logs this shard owns.
@@ -103,6 +106,7 @@ impl Shard {
             id,
             count,
             probes,
+            metrics: ShardMetrics::default(),
             config,
             topics: RefCell::new(TopicMap::new()),
             logs: RefCell::new(HashMap::new()),
@@ -137,7 +141,9 @@ impl Shard {
 
     /// The storage settings of a topic's logs: the broker's, with the topic's overrides.
     fn log_config(&self, topic: &TopicConfig) -> LogConfig {
-        let mut config = self.config.log_config(Rc::clone(&self.probes));
+        let mut config = self
+            .config
+            .log_config(Rc::clone(&self.probes), Rc::clone(&self.metrics.storage));
         if topic.retention_ms.is_some() {
             config.retention_ms = topic.retention_ms;
         }
@@ -145,6 +151,15 @@ impl Shard {
             config.retention_bytes = topic.retention_bytes;
         }
         config
+    }
+
+    /// Every log this shard owns, with its (topic, partition).
+    pub fn logs_by_name(&self) -> Vec<((String, u32), Rc<PartitionLog>)> {
+        self.logs
+            .borrow()
+            .iter()
+            .map(|(k, v)| (k.clone(), Rc::clone(v)))
+            .collect()
     }
 
     /// Every log this shard owns.

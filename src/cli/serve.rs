@@ -16,6 +16,9 @@ pub struct ServeArgs {
     /// Public address; shard i also listens on port+1+i.
     #[arg(long, default_value = "127.0.0.1:7070")]
     listen: SocketAddr,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Number of shards (one pinned executor each); defaults to the number of CPUs.
     #[arg(long)]
     shards: Option<usize>,
@@ -97,6 +100,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
         .shards
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
     config.cpus = args.cpus;
+    config.metrics_listen = args.metrics_listen;
     if let Some(cpus) = &config.cpus {
         if args.shards.is_none() {
             config.shards = cpus.len();

@@ -30,6 +30,7 @@ use super::probes::{FailureProbes, ProbePoint};
 use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
 use super::segment::{self, sync_dir, Segment};
 use super::{Durability, StorageError};
+use crate::metrics::StorageMetrics;
 use crate::record::batch::{self, BatchHeader, HEADER_LEN};
 
 /// Tunables of a partition log.
@@ -57,6 +58,8 @@ pub struct LogConfig {
     pub retention_ms: Option<u64>,
     /// Fault injection for tests (empty in production).
     pub probes: Rc<FailureProbes>,
+    /// The shard's storage metrics.
+    pub metrics: Rc<StorageMetrics>,
 }
 
 impl Default for LogConfig {
@@ -73,6 +76,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             retention_ms: None,
             probes: Rc::new(FailureProbes::default()),
+            metrics: Rc::new(StorageMetrics::default()),
         }
     }
 }
@@ -144,6 +148,16 @@ pub struct LogStats {
     pub high_watermark: u64,
     /// Corrupt ranges found.
     pub corrupt_ranges: usize,
+    /// Bytes appended and waiting for a flush.
+    pub pending_bytes: u64,
+    /// Records acknowledged since start.
+    pub messages_in: u64,
+    /// Bytes acknowledged since start.
+    pub bytes_in: u64,
+    /// Records served by fetches since start.
+    pub messages_out: u64,
+    /// Bytes served by fetches since start.
+    pub bytes_out: u64,
 }
 
 struct LogState {
@@ -173,6 +187,11 @@ struct LogState {
     closed: bool,
     /// (segment base, durable end) of the last checkpoint written.
     checkpointed: (u64, u64),
+    /// Traffic counters since start: records and bytes in (acknowledged) and out (fetched).
+    messages_in: u64,
+    bytes_in: u64,
+    messages_out: u64,
+    bytes_out: u64,
 }
 
 /// A partition's log. Create with [`PartitionLog::open`].
@@ -252,6 +271,10 @@ impl PartitionLog {
                 failed,
                 closed: false,
                 checkpointed: (active_base, end),
+                messages_in: 0,
+                bytes_in: 0,
+                messages_out: 0,
+                bytes_out: 0,
             }),
             checkpoint_lock: Semaphore::new(1),
         });
@@ -285,6 +308,11 @@ impl PartitionLog {
             log_start_offset: st.segments.front().map_or(0, |s| s.base_offset),
             high_watermark: st.high_watermark,
             corrupt_ranges: st.corrupt.len(),
+            pending_bytes: st.pending_bytes as u64,
+            messages_in: st.messages_in,
+            bytes_in: st.bytes_in,
+            messages_out: st.messages_out,
+            bytes_out: st.bytes_out,
         }
     }
 
@@ -428,6 +456,10 @@ impl PartitionLog {
             }
             let new_end = start_pos + (carry.len() + bytes) as u64;
             let new_tail = filler.last_bytes((new_end % ALIGN) as usize);
+            let metrics = &self.config.metrics;
+            let started = std::time::Instant::now();
+            metrics.flush_bytes.observe(bytes as f64);
+            metrics.flush_batches.observe(batches.len() as f64);
             let written = match self.config.probes.hit(ProbePoint::Write) {
                 Some(e) => Err(StorageError::io(
                     format!("writing {}", self.active_path().display()),
@@ -443,8 +475,16 @@ impl PartitionLog {
                 Ok(()) => Ok(()),
             };
             match result {
-                Ok(()) => self.complete_flush(batches, new_end, new_tail),
-                Err((error, fatal)) => self.fail_flush(error, fatal),
+                Ok(()) => {
+                    metrics
+                        .flush_latency
+                        .observe(started.elapsed().as_secs_f64());
+                    self.complete_flush(batches, new_end, new_tail);
+                }
+                Err((error, fatal)) => {
+                    metrics.flush_errors.set(metrics.flush_errors.get() + 1);
+                    self.fail_flush(error, fatal);
+                }
             }
         }
     }
@@ -461,9 +501,16 @@ impl PartitionLog {
         if let Some(e) = self.config.probes.hit(ProbePoint::Fdatasync) {
             return Err(StorageError::io(context(), &e));
         }
-        file.fdatasync()
+        let started = std::time::Instant::now();
+        let result = file
+            .fdatasync()
             .await
-            .map_err(|e| StorageError::glommio(context(), e))
+            .map_err(|e| StorageError::glommio(context(), e));
+        self.config
+            .metrics
+            .fdatasync_latency
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Preallocates more of the active segment (in steps), so that flushes write into
@@ -585,6 +632,8 @@ impl PartitionLog {
                 "offsets must be contiguous"
             );
             st.high_watermark = b.last_offset + 1;
+            st.messages_in += b.last_offset - b.base_offset + 1;
+            st.bytes_in += b.len() as u64;
             st.cache_bytes += b.len();
             st.cache.push_back(b);
         }
@@ -683,12 +732,29 @@ impl PartitionLog {
                 range.last_offset + 1
             )));
         }
-        if let Some(bytes) = self.fetch_from_cache(offset, max_bytes) {
-            out.batches = bytes;
-            return Ok(out);
-        }
-        out.batches = self.fetch_from_segments(offset, max_bytes).await?;
+        out.batches = match self.fetch_from_cache(offset, max_bytes) {
+            Some(bytes) => bytes,
+            None => self.fetch_from_segments(offset, max_bytes).await?,
+        };
+        self.count_out(&out.batches);
         Ok(out)
+    }
+
+    fn count_out(&self, batches: &[u8]) {
+        // Headers only: every batch was checked when it was read.
+        let mut records = 0u64;
+        let mut at = 0usize;
+        while let Ok(header) = BatchHeader::parse(&batches[at.min(batches.len())..]) {
+            let len = header.batch_len() as usize;
+            if len < HEADER_LEN {
+                break;
+            }
+            records += u64::from(header.record_count());
+            at += len;
+        }
+        let mut st = self.state.borrow_mut();
+        st.messages_out += records;
+        st.bytes_out += batches.len() as u64;
     }
 
     fn corrupt_range_of(&self, offset: u64) -> Option<CorruptRange> {

@@ -18,10 +18,15 @@ use crate::protocol::wire::{ErrorCode, RequestBody};
 pub async fn dispatch(shard: &Shard, frame: Bytes) -> OutFrame {
     let request = match parse_request(&frame) {
         Ok(request) => request,
-        Err(e) => return error_response(0, &e),
+        Err(e) => {
+            shard.metrics.count_error(e.code);
+            return error_response(0, &e);
+        }
     };
     let id = request.correlation_id();
-    let result = match request.body_type() {
+    let started = std::time::Instant::now();
+    let kind = request.body_type();
+    let result = match kind {
         RequestBody::ProduceRequest => match request.body_as_produce_request() {
             Some(r) => produce::handle(shard, id, r, &frame).await,
             None => Err(missing_body()),
@@ -48,7 +53,16 @@ pub async fn dispatch(shard: &Shard, frame: Bytes) -> OutFrame {
             format!("request kind {} is not supported", other.0),
         )),
     };
-    result.unwrap_or_else(|e| error_response(id, &e))
+    let elapsed = started.elapsed().as_secs_f64();
+    match kind {
+        RequestBody::ProduceRequest => shard.metrics.produce_latency.observe(elapsed),
+        RequestBody::FetchRequest => shard.metrics.fetch_latency.observe(elapsed),
+        _ => {}
+    }
+    result.unwrap_or_else(|e| {
+        shard.metrics.count_error(e.code);
+        error_response(id, &e)
+    })
 }
 
 fn missing_body() -> ApiError {

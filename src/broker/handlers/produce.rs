@@ -35,7 +35,10 @@ pub(super) async fn handle(
         .map(|(partition, outcome)| {
             let (base_offset, last_offset, error) = match outcome {
                 Ok((base, last)) => (*base, *last, None),
-                Err(e) => (0, 0, Some(e.to_wire(&mut fbb))),
+                Err(e) => {
+                    shard.metrics.count_error(e.code);
+                    (0, 0, Some(e.to_wire(&mut fbb)))
+                }
             };
             wire::PartitionProduceResult::create(
                 &mut fbb,

@@ -1,0 +1,312 @@
+//! Metrics kept per shard without locks or atomics (plain `Cell`s owned by one executor), and
+//! their rendering in the Prometheus text format.
+//!
+//! Each shard renders its own samples into a [`Samples`] map (metric family → sample lines);
+//! the shard that serves `/metrics` merges every shard's map and writes each family's `HELP`
+//! and `TYPE` once.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+/// Metric family → its sample lines (`name{labels} value`).
+pub type Samples = BTreeMap<&'static str, Vec<String>>;
+
+/// Upper bounds of latency buckets, in seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+];
+/// Upper bounds of size buckets, in bytes.
+pub const SIZE_BUCKETS: &[f64] = &[
+    512.0,
+    4096.0,
+    16_384.0,
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+];
+/// Upper bounds of count buckets.
+pub const COUNT_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
+/// Every metric family: name, type, help.
+pub const FAMILIES: &[(&str, &str, &str)] = &[
+    (
+        "corebus_messages_in_total",
+        "counter",
+        "Records appended and acknowledged.",
+    ),
+    (
+        "corebus_bytes_in_total",
+        "counter",
+        "Bytes of record batches appended and acknowledged.",
+    ),
+    (
+        "corebus_messages_out_total",
+        "counter",
+        "Records returned by fetches (whole batches).",
+    ),
+    (
+        "corebus_bytes_out_total",
+        "counter",
+        "Bytes of record batches returned by fetches.",
+    ),
+    (
+        "corebus_log_start_offset",
+        "gauge",
+        "Earliest offset stored.",
+    ),
+    (
+        "corebus_log_end_offset",
+        "gauge",
+        "Next offset to be written (high watermark).",
+    ),
+    (
+        "corebus_log_size_bytes",
+        "gauge",
+        "Bytes of record batches stored.",
+    ),
+    (
+        "corebus_log_segments",
+        "gauge",
+        "Segment files of the partition.",
+    ),
+    (
+        "corebus_log_pending_bytes",
+        "gauge",
+        "Bytes appended and waiting for a flush (queue depth).",
+    ),
+    (
+        "corebus_log_corrupt_ranges",
+        "gauge",
+        "Ranges of stored data that failed their checksum and are not served.",
+    ),
+    (
+        "corebus_produce_latency_seconds",
+        "histogram",
+        "Produce request time, from frame to reply.",
+    ),
+    (
+        "corebus_fetch_latency_seconds",
+        "histogram",
+        "Fetch request time, from frame to reply (long polls included).",
+    ),
+    (
+        "corebus_flush_latency_seconds",
+        "histogram",
+        "Flush time: direct-I/O write plus sync.",
+    ),
+    (
+        "corebus_fdatasync_latency_seconds",
+        "histogram",
+        "fdatasync time of a flush.",
+    ),
+    (
+        "corebus_flush_bytes",
+        "histogram",
+        "Bytes written by one flush.",
+    ),
+    (
+        "corebus_flush_batches",
+        "histogram",
+        "Record batches made durable by one flush (group commit).",
+    ),
+    (
+        "corebus_flush_errors_total",
+        "counter",
+        "Flushes that failed (their batches were not acknowledged).",
+    ),
+    ("corebus_connections", "gauge", "Open client connections."),
+    (
+        "corebus_connections_refused_total",
+        "counter",
+        "Connections closed at accept because of a limit.",
+    ),
+    (
+        "corebus_requests_in_flight",
+        "gauge",
+        "Client requests being handled.",
+    ),
+    (
+        "corebus_errors_total",
+        "counter",
+        "Error replies, by error code.",
+    ),
+];
+
+/// A histogram with fixed buckets.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: RefCell<Vec<u64>>,
+    sum: Cell<f64>,
+    count: Cell<u64>,
+}
+
+impl Histogram {
+    /// An empty histogram over `bounds` (ascending upper bounds; +Inf is added).
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self {
+            bounds,
+            counts: RefCell::new(vec![0; bounds.len() + 1]),
+            sum: Cell::new(0.0),
+            count: Cell::new(0),
+        }
+    }
+
+    /// Records one value.
+    pub fn observe(&self, value: f64) {
+        let i = self.bounds.partition_point(|&b| b < value);
+        if let Some(c) = self.counts.borrow_mut().get_mut(i) {
+            *c += 1;
+        }
+        self.sum.set(self.sum.get() + value);
+        self.count.set(self.count.get() + 1);
+    }
+
+    /// Number of values recorded.
+    pub fn count(&self) -> u64 {
+        self.count.get()
+    }
+
+    /// Writes the `_bucket`, `_sum` and `_count` samples.
+    pub fn render(&self, family: &'static str, labels: &str, out: &mut Samples) {
+        let lines = out.entry(family).or_default();
+        let mut cumulative = 0;
+        let counts = self.counts.borrow();
+        for (i, c) in counts.iter().enumerate() {
+            cumulative += c;
+            let le = self
+                .bounds
+                .get(i)
+                .map_or("+Inf".to_string(), |b| b.to_string());
+            let sep = if labels.is_empty() { "" } else { "," };
+            lines.push(format!(
+                "{family}_bucket{{{labels}{sep}le=\"{le}\"}} {cumulative}"
+            ));
+        }
+        lines.push(format!("{family}_sum{{{labels}}} {}", self.sum.get()));
+        lines.push(format!("{family}_count{{{labels}}} {}", self.count.get()));
+    }
+}
+
+/// Adds one sample line.
+pub fn sample(
+    out: &mut Samples,
+    family: &'static str,
+    labels: &str,
+    value: impl std::fmt::Display,
+) {
+    out.entry(family)
+        .or_default()
+        .push(format!("{family}{{{labels}}} {value}"));
+}
+
+/// Quotes a label value.
+pub fn label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Renders merged samples with each family's `HELP` and `TYPE` once.
+pub fn render(samples: &Samples) -> String {
+    let mut out = String::new();
+    for (name, kind, help) in FAMILIES {
+        let Some(lines) = samples.get(name) else {
+            continue;
+        };
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+        for line in lines {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// Merges `other` into `into`.
+pub fn merge(into: &mut Samples, other: Samples) {
+    for (family, mut lines) in other {
+        into.entry(family).or_default().append(&mut lines);
+    }
+}
+
+/// The storage layer's metrics of one shard, shared by its logs.
+#[derive(Debug)]
+pub struct StorageMetrics {
+    /// Write plus sync time of each flush.
+    pub flush_latency: Histogram,
+    /// fdatasync time of each flush.
+    pub fdatasync_latency: Histogram,
+    /// Bytes per flush.
+    pub flush_bytes: Histogram,
+    /// Batches per flush.
+    pub flush_batches: Histogram,
+    /// Flushes that failed.
+    pub flush_errors: Cell<u64>,
+}
+
+impl Default for StorageMetrics {
+    fn default() -> Self {
+        Self {
+            flush_latency: Histogram::new(LATENCY_BUCKETS),
+            fdatasync_latency: Histogram::new(LATENCY_BUCKETS),
+            flush_bytes: Histogram::new(SIZE_BUCKETS),
+            flush_batches: Histogram::new(COUNT_BUCKETS),
+            flush_errors: Cell::new(0),
+        }
+    }
+}
+
+impl StorageMetrics {
+    /// Renders with the given labels.
+    pub fn render(&self, labels: &str, out: &mut Samples) {
+        self.flush_latency
+            .render("corebus_flush_latency_seconds", labels, out);
+        self.fdatasync_latency
+            .render("corebus_fdatasync_latency_seconds", labels, out);
+        self.flush_bytes.render("corebus_flush_bytes", labels, out);
+        self.flush_batches
+            .render("corebus_flush_batches", labels, out);
+        sample(
+            out,
+            "corebus_flush_errors_total",
+            labels,
+            self.flush_errors.get(),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(&[1.0, 10.0]);
+        for v in [0.5, 5.0, 5.0, 50.0] {
+            h.observe(v);
+        }
+        let mut out = Samples::new();
+        h.render("x", "shard=\"0\"", &mut out);
+        let lines = &out["x"];
+        assert_eq!(lines[0], "x_bucket{shard=\"0\",le=\"1\"} 1");
+        assert_eq!(lines[1], "x_bucket{shard=\"0\",le=\"10\"} 3");
+        assert_eq!(lines[2], "x_bucket{shard=\"0\",le=\"+Inf\"} 4");
+        assert_eq!(lines[4], "x_count{shard=\"0\"} 4");
+    }
+}
