@@ -3,6 +3,7 @@
 mod consume;
 mod publish;
 mod serve;
+mod stats;
 mod topic;
 
 use std::process::ExitCode;
@@ -82,6 +83,8 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Print messages of a topic.
     Consume(consume::ConsumeArgs),
+    /// Show throughput per topic, disk use and connections.
+    Stats(stats::StatsArgs),
 }
 
 /// Runs the parsed command.
@@ -97,6 +100,7 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Topic { command, client } => client_block_on(topic::run(command, client)),
         Command::Publish(args) => client_block_on(publish::run(args)),
         Command::Consume(args) => client_block_on(consume::run(args)),
+        Command::Stats(args) => client_block_on(stats::run(args)),
     }
 }
 

@@ -61,6 +61,42 @@ pub struct Fetched {
     pub batches: Bytes,
 }
 
+/// One partition's figures (see `corebus stats`).
+#[derive(Clone, Debug, Default)]
+pub struct PartitionStats {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Owning shard.
+    pub shard: u32,
+    /// Earliest stored offset.
+    pub log_start_offset: u64,
+    /// Next offset to be written.
+    pub high_watermark: u64,
+    /// Bytes stored.
+    pub size_bytes: u64,
+    /// Segment files.
+    pub segments: u32,
+    /// Records acknowledged since the broker started.
+    pub messages_in: u64,
+    /// Bytes acknowledged since the broker started.
+    pub bytes_in: u64,
+    /// Records fetched since the broker started.
+    pub messages_out: u64,
+    /// Bytes fetched since the broker started.
+    pub bytes_out: u64,
+}
+
+/// What the stats request returned.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// (shard, open connections, requests in flight).
+    pub shards: Vec<(u32, u32, u32)>,
+    /// Every partition.
+    pub partitions: Vec<PartitionStats>,
+}
+
 /// A connection to a corebus broker, routing by partition.
 pub struct Client {
     bootstrap: Rc<Connection>,
@@ -178,6 +214,51 @@ impl Client {
             .flatten()
             .map(|t| (t.name().unwrap_or_default().to_string(), t.partitions()))
             .collect())
+    }
+
+    /// Every shard's and partition's figures.
+    pub async fn stats(&self) -> Result<Stats, ClientError> {
+        let frame = self
+            .bootstrap
+            .call(|id| {
+                let mut fbb = FlatBufferBuilder::with_capacity(64);
+                let body = wire::StatsRequest::create(&mut fbb, &wire::StatsRequestArgs {});
+                finish_request(
+                    fbb,
+                    id,
+                    wire::RequestBody::StatsRequest,
+                    body.as_union_value(),
+                )
+            })
+            .await?;
+        let response = parse_response(&frame)?;
+        let body = expect_body(response.body_as_stats_response(), "stats")?;
+        Ok(Stats {
+            shards: body
+                .shards()
+                .iter()
+                .flatten()
+                .map(|s| (s.shard(), s.connections(), s.requests_in_flight()))
+                .collect(),
+            partitions: body
+                .partitions()
+                .iter()
+                .flatten()
+                .map(|p| PartitionStats {
+                    topic: p.topic().unwrap_or_default().to_string(),
+                    partition: p.partition(),
+                    shard: p.shard(),
+                    log_start_offset: p.log_start_offset(),
+                    high_watermark: p.high_watermark(),
+                    size_bytes: p.size_bytes(),
+                    segments: p.segments(),
+                    messages_in: p.messages_in(),
+                    bytes_in: p.bytes_in(),
+                    messages_out: p.messages_out(),
+                    bytes_out: p.bytes_out(),
+                })
+                .collect(),
+        })
     }
 
     /// Fetches metadata for `topics` (all topics if empty) and caches partition routes.

@@ -9,7 +9,7 @@ mod client;
 mod connection;
 mod producer;
 
-pub use client::{Client, ClientOptions, Fetched, Metadata, PartitionInfo};
+pub use client::{Client, ClientOptions, Fetched, Metadata, PartitionInfo, PartitionStats, Stats};
 pub use connection::Connection;
 pub use producer::{Producer, ProducerOptions};
 

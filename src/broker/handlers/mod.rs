@@ -4,6 +4,7 @@
 mod fetch;
 mod metadata;
 mod produce;
+mod stats;
 mod topics;
 
 use bytes::Bytes;
@@ -48,6 +49,7 @@ pub async fn dispatch(shard: &Shard, frame: Bytes) -> OutFrame {
             None => Err(missing_body()),
         },
         RequestBody::ListTopicsRequest => Ok(topics::list(shard, id)),
+        RequestBody::StatsRequest => Ok(stats::handle(shard, id).await),
         other => Err(ApiError::new(
             ErrorCode::UnsupportedRequest,
             format!("request kind {} is not supported", other.0),

@@ -169,10 +169,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_REQUEST_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_REQUEST_BODY: u8 = 6;
+pub const ENUM_MAX_REQUEST_BODY: u8 = 7;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 7] = [
+pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 8] = [
   RequestBody::NONE,
   RequestBody::CreateTopicRequest,
   RequestBody::DeleteTopicRequest,
@@ -180,6 +180,7 @@ pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 7] = [
   RequestBody::MetadataRequest,
   RequestBody::ProduceRequest,
   RequestBody::FetchRequest,
+  RequestBody::StatsRequest,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -194,9 +195,10 @@ impl RequestBody {
   pub const MetadataRequest: Self = Self(4);
   pub const ProduceRequest: Self = Self(5);
   pub const FetchRequest: Self = Self(6);
+  pub const StatsRequest: Self = Self(7);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 6;
+  pub const ENUM_MAX: u8 = 7;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::CreateTopicRequest,
@@ -205,6 +207,7 @@ impl RequestBody {
     Self::MetadataRequest,
     Self::ProduceRequest,
     Self::FetchRequest,
+    Self::StatsRequest,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -216,6 +219,7 @@ impl RequestBody {
       Self::MetadataRequest => Some("MetadataRequest"),
       Self::ProduceRequest => Some("ProduceRequest"),
       Self::FetchRequest => Some("FetchRequest"),
+      Self::StatsRequest => Some("StatsRequest"),
       _ => None,
     }
   }
@@ -275,10 +279,10 @@ pub struct RequestBodyUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_RESPONSE_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_RESPONSE_BODY: u8 = 6;
+pub const ENUM_MAX_RESPONSE_BODY: u8 = 7;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 7] = [
+pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 8] = [
   ResponseBody::NONE,
   ResponseBody::CreateTopicResponse,
   ResponseBody::DeleteTopicResponse,
@@ -286,6 +290,7 @@ pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 7] = [
   ResponseBody::MetadataResponse,
   ResponseBody::ProduceResponse,
   ResponseBody::FetchResponse,
+  ResponseBody::StatsResponse,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -300,9 +305,10 @@ impl ResponseBody {
   pub const MetadataResponse: Self = Self(4);
   pub const ProduceResponse: Self = Self(5);
   pub const FetchResponse: Self = Self(6);
+  pub const StatsResponse: Self = Self(7);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 6;
+  pub const ENUM_MAX: u8 = 7;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::CreateTopicResponse,
@@ -311,6 +317,7 @@ impl ResponseBody {
     Self::MetadataResponse,
     Self::ProduceResponse,
     Self::FetchResponse,
+    Self::StatsResponse,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -322,6 +329,7 @@ impl ResponseBody {
       Self::MetadataResponse => Some("MetadataResponse"),
       Self::ProduceResponse => Some("ProduceResponse"),
       Self::FetchResponse => Some("FetchResponse"),
+      Self::StatsResponse => Some("StatsResponse"),
       _ => None,
     }
   }
@@ -2703,6 +2711,595 @@ impl ::core::fmt::Debug for FetchResponse<'_> {
       ds.finish()
   }
 }
+pub enum StatsRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Figures of every shard and partition, for `corebus stats`.
+pub struct StatsRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for StatsRequest<'a> {
+  type Inner = StatsRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> StatsRequest<'a> {
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    StatsRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    _args: &'args StatsRequestArgs
+  ) -> ::flatbuffers::WIPOffset<StatsRequest<'bldr>> {
+    let mut builder = StatsRequestBuilder::new(_fbb);
+    builder.finish()
+  }
+
+}
+
+impl ::flatbuffers::Verifiable for StatsRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct StatsRequestArgs {
+}
+impl<'a> Default for StatsRequestArgs {
+  #[inline]
+  fn default() -> Self {
+    StatsRequestArgs {
+    }
+  }
+}
+
+pub struct StatsRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StatsRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StatsRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    StatsRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<StatsRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for StatsRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("StatsRequest");
+      ds.finish()
+  }
+}
+pub enum PartitionStatsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct PartitionStats<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PartitionStats<'a> {
+  type Inner = PartitionStats<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PartitionStats<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LOG_START_OFFSET: ::flatbuffers::VOffsetT = 10;
+  pub const VT_HIGH_WATERMARK: ::flatbuffers::VOffsetT = 12;
+  pub const VT_SIZE_BYTES: ::flatbuffers::VOffsetT = 14;
+  pub const VT_SEGMENTS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_MESSAGES_IN: ::flatbuffers::VOffsetT = 18;
+  pub const VT_BYTES_IN: ::flatbuffers::VOffsetT = 20;
+  pub const VT_MESSAGES_OUT: ::flatbuffers::VOffsetT = 22;
+  pub const VT_BYTES_OUT: ::flatbuffers::VOffsetT = 24;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PartitionStats { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PartitionStatsArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PartitionStats<'bldr>> {
+    let mut builder = PartitionStatsBuilder::new(_fbb);
+    builder.add_bytes_out(args.bytes_out);
+    builder.add_messages_out(args.messages_out);
+    builder.add_bytes_in(args.bytes_in);
+    builder.add_messages_in(args.messages_in);
+    builder.add_size_bytes(args.size_bytes);
+    builder.add_high_watermark(args.high_watermark);
+    builder.add_log_start_offset(args.log_start_offset);
+    builder.add_segments(args.segments);
+    builder.add_shard(args.shard);
+    builder.add_partition(args.partition);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(PartitionStats::VT_TOPIC, None)}
+  }
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PartitionStats::VT_PARTITION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn shard(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PartitionStats::VT_SHARD, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn log_start_offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionStats::VT_LOG_START_OFFSET, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn high_watermark(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionStats::VT_HIGH_WATERMARK, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn size_bytes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionStats::VT_SIZE_BYTES, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn segments(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PartitionStats::VT_SEGMENTS, Some(0)).unwrap()}
+  }
+  /// Counters since the broker started.
+  #[inline]
+  pub fn messages_in(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionStats::VT_MESSAGES_IN, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn bytes_in(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionStats::VT_BYTES_IN, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn messages_out(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionStats::VT_MESSAGES_OUT, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn bytes_out(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(PartitionStats::VT_BYTES_OUT, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PartitionStats<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, false)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<u32>("shard", Self::VT_SHARD, false)?
+     .visit_field::<u64>("log_start_offset", Self::VT_LOG_START_OFFSET, false)?
+     .visit_field::<u64>("high_watermark", Self::VT_HIGH_WATERMARK, false)?
+     .visit_field::<u64>("size_bytes", Self::VT_SIZE_BYTES, false)?
+     .visit_field::<u32>("segments", Self::VT_SEGMENTS, false)?
+     .visit_field::<u64>("messages_in", Self::VT_MESSAGES_IN, false)?
+     .visit_field::<u64>("bytes_in", Self::VT_BYTES_IN, false)?
+     .visit_field::<u64>("messages_out", Self::VT_MESSAGES_OUT, false)?
+     .visit_field::<u64>("bytes_out", Self::VT_BYTES_OUT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PartitionStatsArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub partition: u32,
+    pub shard: u32,
+    pub log_start_offset: u64,
+    pub high_watermark: u64,
+    pub size_bytes: u64,
+    pub segments: u32,
+    pub messages_in: u64,
+    pub bytes_in: u64,
+    pub messages_out: u64,
+    pub bytes_out: u64,
+}
+impl<'a> Default for PartitionStatsArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PartitionStatsArgs {
+      topic: None,
+      partition: 0,
+      shard: 0,
+      log_start_offset: 0,
+      high_watermark: 0,
+      size_bytes: 0,
+      segments: 0,
+      messages_in: 0,
+      bytes_in: 0,
+      messages_out: 0,
+      bytes_out: 0,
+    }
+  }
+}
+
+pub struct PartitionStatsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionStatsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(PartitionStats::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(PartitionStats::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_shard(&mut self, shard: u32) {
+    self.fbb_.push_slot::<u32>(PartitionStats::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn add_log_start_offset(&mut self, log_start_offset: u64) {
+    self.fbb_.push_slot::<u64>(PartitionStats::VT_LOG_START_OFFSET, log_start_offset, 0);
+  }
+  #[inline]
+  pub fn add_high_watermark(&mut self, high_watermark: u64) {
+    self.fbb_.push_slot::<u64>(PartitionStats::VT_HIGH_WATERMARK, high_watermark, 0);
+  }
+  #[inline]
+  pub fn add_size_bytes(&mut self, size_bytes: u64) {
+    self.fbb_.push_slot::<u64>(PartitionStats::VT_SIZE_BYTES, size_bytes, 0);
+  }
+  #[inline]
+  pub fn add_segments(&mut self, segments: u32) {
+    self.fbb_.push_slot::<u32>(PartitionStats::VT_SEGMENTS, segments, 0);
+  }
+  #[inline]
+  pub fn add_messages_in(&mut self, messages_in: u64) {
+    self.fbb_.push_slot::<u64>(PartitionStats::VT_MESSAGES_IN, messages_in, 0);
+  }
+  #[inline]
+  pub fn add_bytes_in(&mut self, bytes_in: u64) {
+    self.fbb_.push_slot::<u64>(PartitionStats::VT_BYTES_IN, bytes_in, 0);
+  }
+  #[inline]
+  pub fn add_messages_out(&mut self, messages_out: u64) {
+    self.fbb_.push_slot::<u64>(PartitionStats::VT_MESSAGES_OUT, messages_out, 0);
+  }
+  #[inline]
+  pub fn add_bytes_out(&mut self, bytes_out: u64) {
+    self.fbb_.push_slot::<u64>(PartitionStats::VT_BYTES_OUT, bytes_out, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionStatsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PartitionStatsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PartitionStats<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PartitionStats<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PartitionStats");
+      ds.field("topic", &self.topic());
+      ds.field("partition", &self.partition());
+      ds.field("shard", &self.shard());
+      ds.field("log_start_offset", &self.log_start_offset());
+      ds.field("high_watermark", &self.high_watermark());
+      ds.field("size_bytes", &self.size_bytes());
+      ds.field("segments", &self.segments());
+      ds.field("messages_in", &self.messages_in());
+      ds.field("bytes_in", &self.bytes_in());
+      ds.field("messages_out", &self.messages_out());
+      ds.field("bytes_out", &self.bytes_out());
+      ds.finish()
+  }
+}
+pub enum ShardStatsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ShardStats<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ShardStats<'a> {
+  type Inner = ShardStats<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ShardStats<'a> {
+  pub const VT_SHARD: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CONNECTIONS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_REQUESTS_IN_FLIGHT: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ShardStats { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ShardStatsArgs
+  ) -> ::flatbuffers::WIPOffset<ShardStats<'bldr>> {
+    let mut builder = ShardStatsBuilder::new(_fbb);
+    builder.add_requests_in_flight(args.requests_in_flight);
+    builder.add_connections(args.connections);
+    builder.add_shard(args.shard);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn shard(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ShardStats::VT_SHARD, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn connections(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ShardStats::VT_CONNECTIONS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn requests_in_flight(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ShardStats::VT_REQUESTS_IN_FLIGHT, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ShardStats<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("shard", Self::VT_SHARD, false)?
+     .visit_field::<u32>("connections", Self::VT_CONNECTIONS, false)?
+     .visit_field::<u32>("requests_in_flight", Self::VT_REQUESTS_IN_FLIGHT, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ShardStatsArgs {
+    pub shard: u32,
+    pub connections: u32,
+    pub requests_in_flight: u32,
+}
+impl<'a> Default for ShardStatsArgs {
+  #[inline]
+  fn default() -> Self {
+    ShardStatsArgs {
+      shard: 0,
+      connections: 0,
+      requests_in_flight: 0,
+    }
+  }
+}
+
+pub struct ShardStatsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_shard(&mut self, shard: u32) {
+    self.fbb_.push_slot::<u32>(ShardStats::VT_SHARD, shard, 0);
+  }
+  #[inline]
+  pub fn add_connections(&mut self, connections: u32) {
+    self.fbb_.push_slot::<u32>(ShardStats::VT_CONNECTIONS, connections, 0);
+  }
+  #[inline]
+  pub fn add_requests_in_flight(&mut self, requests_in_flight: u32) {
+    self.fbb_.push_slot::<u32>(ShardStats::VT_REQUESTS_IN_FLIGHT, requests_in_flight, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ShardStatsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ShardStats<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ShardStats<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ShardStats");
+      ds.field("shard", &self.shard());
+      ds.field("connections", &self.connections());
+      ds.field("requests_in_flight", &self.requests_in_flight());
+      ds.finish()
+  }
+}
+pub enum StatsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct StatsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for StatsResponse<'a> {
+  type Inner = StatsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> StatsResponse<'a> {
+  pub const VT_SHARDS: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    StatsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args StatsResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<StatsResponse<'bldr>> {
+    let mut builder = StatsResponseBuilder::new(_fbb);
+    if let Some(x) = args.partitions { builder.add_partitions(x); }
+    if let Some(x) = args.shards { builder.add_shards(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn shards(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardStats<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardStats>>>>(StatsResponse::VT_SHARDS, None)}
+  }
+  #[inline]
+  pub fn partitions(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionStats<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionStats>>>>(StatsResponse::VT_PARTITIONS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for StatsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ShardStats>>>>("shards", Self::VT_SHARDS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<PartitionStats>>>>("partitions", Self::VT_PARTITIONS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct StatsResponseArgs<'a> {
+    pub shards: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ShardStats<'a>>>>>,
+    pub partitions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionStats<'a>>>>>,
+}
+impl<'a> Default for StatsResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    StatsResponseArgs {
+      shards: None,
+      partitions: None,
+    }
+  }
+}
+
+pub struct StatsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> StatsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_shards(&mut self, shards: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ShardStats<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StatsResponse::VT_SHARDS, shards);
+  }
+  #[inline]
+  pub fn add_partitions(&mut self, partitions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<PartitionStats<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(StatsResponse::VT_PARTITIONS, partitions);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> StatsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    StatsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<StatsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for StatsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("StatsResponse");
+      ds.field("shards", &self.shards());
+      ds.field("partitions", &self.partitions());
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -2851,6 +3448,21 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_stats_request(&self) -> Option<StatsRequest<'a>> {
+    if self.body_type() == RequestBody::StatsRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { StatsRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -2868,6 +3480,7 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           RequestBody::MetadataRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MetadataRequest>>("RequestBody::MetadataRequest", pos),
           RequestBody::ProduceRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ProduceRequest>>("RequestBody::ProduceRequest", pos),
           RequestBody::FetchRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchRequest>>("RequestBody::FetchRequest", pos),
+          RequestBody::StatsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatsRequest>>("RequestBody::StatsRequest", pos),
           _ => Ok(()),
         }
      })?
@@ -2966,6 +3579,13 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         RequestBody::FetchRequest => {
           if let Some(x) = self.body_as_fetch_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::StatsRequest => {
+          if let Some(x) = self.body_as_stats_request() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3137,6 +3757,21 @@ impl<'a> Response<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_stats_response(&self) -> Option<StatsResponse<'a>> {
+    if self.body_type() == ResponseBody::StatsResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { StatsResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -3155,6 +3790,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
           ResponseBody::MetadataResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MetadataResponse>>("ResponseBody::MetadataResponse", pos),
           ResponseBody::ProduceResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ProduceResponse>>("ResponseBody::ProduceResponse", pos),
           ResponseBody::FetchResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchResponse>>("ResponseBody::FetchResponse", pos),
+          ResponseBody::StatsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatsResponse>>("ResponseBody::StatsResponse", pos),
           _ => Ok(()),
         }
      })?
@@ -3260,6 +3896,13 @@ impl ::core::fmt::Debug for Response<'_> {
         },
         ResponseBody::FetchResponse => {
           if let Some(x) = self.body_as_fetch_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::StatsResponse => {
+          if let Some(x) = self.body_as_stats_response() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
