@@ -330,7 +330,7 @@ fn segments_roll_reads_cross_them_and_retention_deletes_whole_segments() {
             "16KiB",
             "--retention-check-interval",
             "100ms",
-            "--cache-mib-per-partition",
+            "--cache-bytes-per-partition",
             "0",
         ],
     );

@@ -9,6 +9,7 @@ pub mod handlers;
 pub mod http;
 pub mod mesh;
 pub mod metadata;
+pub mod preflight;
 pub mod server;
 pub mod shard;
 pub mod stats;
@@ -57,6 +58,18 @@ fn install_signal_handlers() {
 /// every shard is accepting.
 pub fn run(config: BrokerConfig) -> Result<(), String> {
     config.validate()?;
+    let failures: Vec<String> =
+        preflight::fatal_checks(&config.data_dir, config.shards, config.io_memory_bytes)
+            .iter()
+            .filter(|c| c.status == preflight::Status::Fail)
+            .map(preflight::Check::render)
+            .collect();
+    if !failures.is_empty() {
+        return Err(format!(
+            "refusing to start (see `corebus doctor`):\n{}",
+            failures.join("\n")
+        ));
+    }
     superblock::ensure(&config.data_dir).map_err(|e| e.to_string())?;
     install_signal_handlers();
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);

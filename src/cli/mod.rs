@@ -1,6 +1,8 @@
 //! Command-line parsing and the subcommands of the `corebus` binary.
 
+mod config_file;
 mod consume;
+mod doctor;
 mod publish;
 mod serve;
 mod stats;
@@ -85,11 +87,24 @@ enum Command {
     Consume(consume::ConsumeArgs),
     /// Show throughput per topic, disk use and connections.
     Stats(stats::StatsArgs),
+    /// Check the machine and the data directory, and say how to fix what is wrong.
+    Doctor(doctor::DoctorArgs),
+    /// Configuration helpers.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Print a commented example configuration file with every setting.
+    Example,
 }
 
 /// Runs the parsed command.
 pub fn run(cli: Cli) -> Result<ExitCode, String> {
-    let default_level = if matches!(cli.command, Command::Serve(_)) {
+    let default_level = if matches!(cli.command, Command::Serve(_) | Command::Doctor(_)) {
         "info"
     } else {
         "warn"
@@ -101,6 +116,13 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Publish(args) => client_block_on(publish::run(args)),
         Command::Consume(args) => client_block_on(consume::run(args)),
         Command::Stats(args) => client_block_on(stats::run(args)),
+        Command::Doctor(args) => doctor::run(args),
+        Command::Config {
+            command: ConfigCommand::Example,
+        } => {
+            print!("{}", config_file::EXAMPLE);
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

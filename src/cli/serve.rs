@@ -1,4 +1,5 @@
-//! `corebus serve`: run the broker.
+//! `corebus serve`: run the broker. Settings come from the defaults, then the TOML file given
+//! with `--config`, then the command line: each later source overrides the earlier ones.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -7,127 +8,187 @@ use std::process::ExitCode;
 use corebus::broker::{self, BrokerConfig};
 use corebus::storage::Durability;
 
-/// Options of `corebus serve`.
-#[derive(clap::Args, Debug)]
+use super::config_file;
+use super::{parse_bytes, parse_millis};
+
+/// Options of `corebus serve`. Every one may also be set in the `--config` file under the
+/// same name with `_` for `-` (see `corebus config example`).
+#[derive(clap::Args, Debug, Default)]
 pub struct ServeArgs {
-    /// Directory for topics, logs and the superblock (created if missing).
-    #[arg(long, default_value = "./corebus-data")]
-    data_dir: PathBuf,
-    /// Public address; shard i also listens on port+1+i.
-    #[arg(long, default_value = "127.0.0.1:7070")]
-    listen: SocketAddr,
+    /// TOML file with settings; flags given here override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Directory for topics, logs and the superblock [default: ./corebus-data].
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Public address; shard i also listens on port+1+i [default: 127.0.0.1:7070].
+    #[arg(long)]
+    listen: Option<SocketAddr>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9464).
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
-    /// Number of shards (one pinned executor each); defaults to the number of CPUs.
+    /// Number of shards, one pinned executor each [default: number of CPUs].
     #[arg(long)]
     shards: Option<usize>,
-    /// Pin shards to these CPUs, one per shard (e.g. 0,1); default: spread over all CPUs.
+    /// Pin shards to these CPUs, one per shard (e.g. 0,1).
     #[arg(long, value_delimiter = ',')]
     cpus: Option<Vec<usize>>,
-    /// When produces are acknowledged.
-    #[arg(long, value_enum, default_value = "sync")]
-    durability: Durability,
-    /// Largest accepted frame (e.g. 16MiB).
-    #[arg(long, default_value = "16MiB", value_parser = super::parse_bytes)]
-    max_frame_bytes: u64,
-    /// Requests one connection may have in flight before the broker stops reading from it.
-    #[arg(long, default_value_t = 256)]
-    max_inflight_per_connection: usize,
-    /// Bytes of requests one connection may have in flight before the broker stops reading.
-    #[arg(long, default_value = "64MiB", value_parser = super::parse_bytes)]
-    max_buffered_bytes_per_connection: u64,
-    /// Largest record batch accepted.
-    #[arg(long, default_value = "16MiB", value_parser = super::parse_bytes)]
-    max_batch_bytes: u64,
-    /// Most records in one batch.
-    #[arg(long, default_value_t = 100_000)]
-    max_batch_records: u32,
-    /// Connections one shard serves at once; more are closed on accept.
-    #[arg(long, default_value_t = 10_000)]
-    max_connections_per_shard: usize,
-    /// Connections the broker serves at once, over all shards.
-    #[arg(long, default_value_t = 50_000)]
-    max_connections: usize,
-    /// Close connections with nothing in flight and nothing received for this long.
-    #[arg(long, default_value = "10m", value_parser = super::parse_millis)]
-    idle_timeout: u64,
-    /// Time a client has to send a whole frame, and to take a reply.
-    #[arg(long, default_value = "30s", value_parser = super::parse_millis)]
-    frame_timeout: u64,
-    /// Most topics.
-    #[arg(long, default_value_t = 10_000)]
-    max_topics: usize,
-    /// Most partitions over all topics.
-    #[arg(long, default_value_t = 100_000)]
-    max_partitions_total: u64,
-    /// Most partitions in one topic.
-    #[arg(long, default_value_t = 10_000)]
-    max_partitions_per_topic: u32,
-    /// DMA buffer pool per shard, in MiB (glommio io_memory).
-    #[arg(long, default_value_t = 64)]
-    io_memory_mib: usize,
-    /// Recent data kept in memory per partition for readers, in MiB.
-    #[arg(long, default_value_t = 8)]
-    cache_mib_per_partition: usize,
-    /// Roll a segment when it would grow past this size (e.g. 1GiB).
-    #[arg(long, default_value = "1GiB", value_parser = super::parse_bytes)]
-    segment_bytes: u64,
-    /// Roll a segment when its first batch is older than this (e.g. 7d); default: never.
-    #[arg(long, value_parser = super::parse_millis)]
-    segment_ms: Option<u64>,
-    /// Preallocate segment files in steps of this size.
-    #[arg(long, default_value = "32MiB", value_parser = super::parse_bytes)]
-    preallocate_bytes: u64,
-    /// Default retention by age for topics without their own (e.g. 7d); default: forever.
-    #[arg(long, value_parser = super::parse_millis)]
+    /// When produces are acknowledged [default: sync].
+    #[arg(long, value_enum)]
+    durability: Option<Durability>,
+    /// Largest accepted frame [default: 16MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    max_frame_bytes: Option<u64>,
+    /// Largest record batch accepted [default: 16MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    max_batch_bytes: Option<u64>,
+    /// Most records in one batch [default: 100000].
+    #[arg(long)]
+    max_batch_records: Option<u32>,
+    /// Requests one connection may have in flight before the broker stops reading [default: 256].
+    #[arg(long)]
+    max_inflight_per_connection: Option<usize>,
+    /// Bytes of requests one connection may have in flight [default: 64MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    max_buffered_bytes_per_connection: Option<u64>,
+    /// Connections one shard serves at once; more are closed on accept [default: 10000].
+    #[arg(long)]
+    max_connections_per_shard: Option<usize>,
+    /// Connections the broker serves at once, over all shards [default: 50000].
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// Close connections idle this long [default: 10m].
+    #[arg(long, value_parser = parse_millis)]
+    idle_timeout: Option<u64>,
+    /// Time a client has to send a whole frame, and to take a reply [default: 30s].
+    #[arg(long, value_parser = parse_millis)]
+    frame_timeout: Option<u64>,
+    /// Most topics [default: 10000].
+    #[arg(long)]
+    max_topics: Option<usize>,
+    /// Most partitions over all topics [default: 100000].
+    #[arg(long)]
+    max_partitions_total: Option<u64>,
+    /// Most partitions in one topic [default: 10000].
+    #[arg(long)]
+    max_partitions_per_topic: Option<u32>,
+    /// DMA buffer pool per shard (glommio io_memory) [default: 64MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    io_memory: Option<u64>,
+    /// Recent data kept in memory per partition for readers [default: 8MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    cache_bytes_per_partition: Option<u64>,
+    /// Roll a segment when it would grow past this size [default: 1GiB].
+    #[arg(long, value_parser = parse_bytes)]
+    segment_bytes: Option<u64>,
+    /// Roll a segment when its first batch is older than this [default: never].
+    #[arg(long, value_parser = parse_millis)]
+    segment_age: Option<u64>,
+    /// Preallocate segment files in steps of this size [default: 32MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    preallocate_bytes: Option<u64>,
+    /// Default retention by age for topics without their own [default: forever].
+    #[arg(long, value_parser = parse_millis)]
     retention_ms: Option<u64>,
-    /// Default retention by size per partition (e.g. 100GiB); default: unlimited.
-    #[arg(long, value_parser = super::parse_bytes)]
+    /// Default retention by size per partition [default: unlimited].
+    #[arg(long, value_parser = parse_bytes)]
     retention_bytes: Option<u64>,
-    /// How often retention is enforced.
-    #[arg(long, default_value = "5s", value_parser = super::parse_millis)]
-    retention_check_interval: u64,
-    /// How often each log checkpoints its durable point and index.
-    #[arg(long, default_value = "1s", value_parser = super::parse_millis)]
-    checkpoint_interval: u64,
+    /// How often retention is enforced [default: 5s].
+    #[arg(long, value_parser = parse_millis)]
+    retention_check_interval: Option<u64>,
+    /// How often each log checkpoints its durable point and index [default: 1s].
+    #[arg(long, value_parser = parse_millis)]
+    checkpoint_interval: Option<u64>,
+    /// Most bytes one fetch returns [default: 8MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    max_fetch_bytes: Option<u64>,
+    /// Longest a fetch may wait for data [default: 60s].
+    #[arg(long, value_parser = parse_millis)]
+    max_fetch_wait: Option<u64>,
+}
+
+impl ServeArgs {
+    /// Writes every setting given on the command line into `config`.
+    fn apply(&self, config: &mut BrokerConfig) {
+        macro_rules! set {
+            ($field:ident => $target:ident) => {
+                if let Some(v) = self.$field.clone() {
+                    config.$target = v.into();
+                }
+            };
+            ($field:ident => $target:ident as $ty:ty) => {
+                if let Some(v) = self.$field {
+                    config.$target = v as $ty;
+                }
+            };
+        }
+        set!(data_dir => data_dir);
+        set!(listen => listen);
+        set!(shards => shards);
+        set!(durability => durability);
+        set!(max_frame_bytes => max_frame_bytes as usize);
+        set!(max_batch_bytes => max_batch_bytes as usize);
+        set!(max_batch_records => max_batch_records);
+        set!(max_inflight_per_connection => max_inflight_per_connection);
+        set!(max_buffered_bytes_per_connection => max_buffered_bytes_per_connection as usize);
+        set!(max_connections_per_shard => max_connections_per_shard);
+        set!(max_connections => max_connections);
+        set!(idle_timeout => idle_timeout_ms);
+        set!(frame_timeout => frame_timeout_ms);
+        set!(max_topics => max_topics);
+        set!(max_partitions_total => max_partitions_total);
+        set!(max_partitions_per_topic => max_partitions_per_topic);
+        set!(io_memory => io_memory_bytes as usize);
+        set!(cache_bytes_per_partition => cache_bytes_per_partition as usize);
+        set!(segment_bytes => segment_bytes);
+        set!(preallocate_bytes => preallocate_bytes);
+        set!(retention_check_interval => retention_check_ms);
+        set!(checkpoint_interval => checkpoint_interval_ms);
+        set!(max_fetch_bytes => max_fetch_bytes as usize);
+        set!(max_fetch_wait => max_fetch_wait_ms as u32);
+        if self.metrics_listen.is_some() {
+            config.metrics_listen = self.metrics_listen;
+        }
+        if self.cpus.is_some() {
+            config.cpus = self.cpus.clone();
+        }
+        if self.segment_age.is_some() {
+            config.segment_ms = self.segment_age;
+        }
+        if self.retention_ms.is_some() {
+            config.retention_ms = self.retention_ms;
+        }
+        if self.retention_bytes.is_some() {
+            config.retention_bytes = self.retention_bytes;
+        }
+    }
+}
+
+/// The full configuration: defaults, then the file, then the flags.
+pub fn resolve(args: &ServeArgs) -> Result<BrokerConfig, String> {
+    let mut config = BrokerConfig::new(
+        PathBuf::from("./corebus-data"),
+        SocketAddr::from(([127, 0, 0, 1], 7070)),
+    );
+    config.shards = std::thread::available_parallelism().map_or(1, usize::from);
+    let mut shards_set = false;
+    if let Some(path) = &args.config {
+        shards_set = config_file::apply(path, &mut config)?;
+    }
+    args.apply(&mut config);
+    shards_set |= args.shards.is_some();
+    if let Some(cpus) = &config.cpus {
+        if !shards_set {
+            config.shards = cpus.len();
+        }
+    }
+    config.validate()?;
+    Ok(config)
 }
 
 /// Runs the broker until SIGTERM or SIGINT.
 pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
-    let mut config = BrokerConfig::new(args.data_dir, args.listen);
-    config.shards = args
-        .shards
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from));
-    config.cpus = args.cpus;
-    config.metrics_listen = args.metrics_listen;
-    if let Some(cpus) = &config.cpus {
-        if args.shards.is_none() {
-            config.shards = cpus.len();
-        }
-    }
-    config.durability = args.durability;
-    config.max_frame_bytes = args.max_frame_bytes as usize;
-    config.max_inflight_per_connection = args.max_inflight_per_connection;
-    config.max_buffered_bytes_per_connection = args.max_buffered_bytes_per_connection as usize;
-    config.max_batch_bytes = args.max_batch_bytes as usize;
-    config.max_batch_records = args.max_batch_records;
-    config.max_connections_per_shard = args.max_connections_per_shard;
-    config.max_connections = args.max_connections;
-    config.idle_timeout_ms = args.idle_timeout;
-    config.frame_timeout_ms = args.frame_timeout;
-    config.max_topics = args.max_topics;
-    config.max_partitions_total = args.max_partitions_total;
-    config.max_partitions_per_topic = args.max_partitions_per_topic;
-    config.io_memory_bytes = args.io_memory_mib << 20;
-    config.cache_bytes_per_partition = args.cache_mib_per_partition << 20;
-    config.segment_bytes = args.segment_bytes;
-    config.segment_ms = args.segment_ms;
-    config.preallocate_bytes = args.preallocate_bytes;
-    config.retention_ms = args.retention_ms;
-    config.retention_bytes = args.retention_bytes;
-    config.retention_check_ms = args.retention_check_interval;
-    config.checkpoint_interval_ms = args.checkpoint_interval;
+    let config = resolve(&args)?;
     broker::run(config)?;
     Ok(ExitCode::SUCCESS)
 }
