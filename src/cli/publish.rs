@@ -96,6 +96,9 @@ pub async fn run(args: PublishArgs) -> Result<ExitCode, String> {
     let mut producer = Producer::new(Rc::clone(&client), &args.topic, options);
     let (to_printer, acks) = local_channel::new_bounded::<(u64, u32, AckReceiver)>(1 << 16);
     let print = args.print_acks;
+    // Set on the first refused message: publishing stops instead of failing line after line.
+    let broken = Rc::new(std::cell::Cell::new(false));
+    let printer_broken = Rc::clone(&broken);
     let printer = glommio::spawn_local(async move {
         let mut failed = 0u64;
         let stdout = std::io::stdout();
@@ -109,10 +112,12 @@ pub async fn run(args: PublishArgs) -> Result<ExitCode, String> {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     failed += 1;
+                    printer_broken.set(true);
                     eprintln!("corebus: line {line} not acknowledged: {e}");
                 }
                 Err(_) => {
                     failed += 1;
+                    printer_broken.set(true);
                     eprintln!("corebus: line {line} not acknowledged: request dropped");
                 }
             }
@@ -125,7 +130,7 @@ pub async fn run(args: PublishArgs) -> Result<ExitCode, String> {
         .map(|k| (fnv1a_64(k.as_bytes()) % u64::from(partitions)) as u32);
     let mut line_no = 0u64;
     let mut stdin = StdinReader::with_capacity(1 << 16, std::io::stdin());
-    loop {
+    while !broken.get() {
         let (reader, lines) = read_lines(stdin).await;
         stdin = reader;
         let lines = lines?;
@@ -155,7 +160,9 @@ pub async fn run(args: PublishArgs) -> Result<ExitCode, String> {
     drop(to_printer);
     let failed = printer.await;
     if failed > 0 {
-        eprintln!("corebus: {failed} of {line_no} messages were not acknowledged");
+        eprintln!(
+            "corebus: {failed} of the {line_no} messages sent were not acknowledged; publishing stopped at the first"
+        );
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)

@@ -29,15 +29,16 @@ pub fn fresh_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A port `p` such that `p..=p+span` can all be bound right now.
+/// A port `p` such that `p..=p+span` can all be bound right now. Ports come from below the
+/// kernel's ephemeral range, so that a client retrying a connection to a stopped broker can
+/// never connect to itself on the broker's port (a TCP self-connect would hold the port).
 fn free_port_span(span: u16) -> u16 {
-    for _ in 0..200 {
-        let first = TcpListener::bind("127.0.0.1:0").expect("bind :0");
-        let p = first.local_addr().expect("addr").port();
-        drop(first);
-        if p > 60000 {
-            continue;
-        }
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos()) as u64
+        + u64::from(std::process::id()) * 7919;
+    for attempt in 0..500u64 {
+        let p = 20_000 + ((seed + attempt * 104_729) % 12_000) as u16;
         let all_free = (0..=span).all(|i| TcpListener::bind(("127.0.0.1", p + i)).is_ok());
         if all_free {
             return p;
@@ -201,7 +202,11 @@ impl Broker {
             if let Ok(Some(status)) = child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < end, "broker did not exit after SIGTERM");
+            assert!(
+                Instant::now() < end,
+                "broker did not exit after SIGTERM: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
