@@ -81,10 +81,10 @@ fn metrics_move_with_the_load() {
     assert!(metric(&after, "corebus_flush_batches_sum", "") >= flushes);
     assert!(metric(&after, "corebus_flush_bytes_bucket", "le=\"+Inf\"") >= 4.0);
     // An error is counted by code.
-    let out = broker.cli(&["publish", "nope"], "x\n");
+    let out = broker.cli(&["topic", "create", "m", "--partitions", "1"], "");
     assert!(!out.status.success());
     let errors = scrape(&metrics_addr);
-    assert!(metric(&errors, "corebus_errors_total", "code=\"UnknownTopic\"") >= 1.0);
+    assert_eq!(metric(&errors, "corebus_errors_total", "code=\"TopicAlreadyExists\""), 1.0);
     // During a connection, the gauge shows it.
     let _held = TcpStream::connect(broker.addr()).expect("connect");
     wait_until("connection gauge", Duration::from_secs(10), || {
