@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::time::Duration;
 
 use common::{ok_stdout, raw_round_trip, read_frame, Broker};
+use corebus::client::requests;
 use corebus::protocol::message::{finish_request, parse_response, ApiError};
 use corebus::protocol::wire::{self, ErrorCode};
 use corebus::record::{BatchBuilder, RecordWriter};
@@ -21,53 +22,11 @@ fn connect(addr: &str) -> TcpStream {
 }
 
 fn produce_frame(id: u64, topic: &str, partition: u32, batches: &[u8]) -> Vec<u8> {
-    let mut fbb = FlatBufferBuilder::new();
-    let data = fbb.create_vector(batches);
-    let part = wire::PartitionProduce::create(
-        &mut fbb,
-        &wire::PartitionProduceArgs {
-            partition,
-            batches: Some(data),
-        },
-    );
-    let parts = fbb.create_vector(&[part]);
-    let topic = fbb.create_string(topic);
-    let body = wire::ProduceRequest::create(
-        &mut fbb,
-        &wire::ProduceRequestArgs {
-            topic: Some(topic),
-            partitions: Some(parts),
-        },
-    );
-    let frame = finish_request(
-        fbb,
-        id,
-        wire::RequestBody::ProduceRequest,
-        body.as_union_value(),
-    );
-    frame.as_bytes()[4..].to_vec()
+    requests::produce(id, topic, partition, batches).as_bytes()[4..].to_vec()
 }
 
 fn fetch_frame(id: u64, topic: &str, partition: u32, offset: u64) -> Vec<u8> {
-    let mut fbb = FlatBufferBuilder::new();
-    let topic = fbb.create_string(topic);
-    let body = wire::FetchRequest::create(
-        &mut fbb,
-        &wire::FetchRequestArgs {
-            topic: Some(topic),
-            partition,
-            offset,
-            max_bytes: 1 << 20,
-            max_wait_ms: 0,
-        },
-    );
-    let frame = finish_request(
-        fbb,
-        id,
-        wire::RequestBody::FetchRequest,
-        body.as_union_value(),
-    );
-    frame.as_bytes()[4..].to_vec()
+    requests::fetch(id, topic, partition, offset, 1 << 20, 0).as_bytes()[4..].to_vec()
 }
 
 fn one_batch(value: &str) -> Vec<u8> {

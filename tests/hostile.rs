@@ -9,10 +9,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{ok_stdout, parse_acks, raw_round_trip, read_frame, wait_until, Broker};
-use corebus::protocol::message::{finish_request, parse_response, ApiError};
-use corebus::protocol::wire;
+use corebus::client::requests;
+use corebus::protocol::message::{parse_response, ApiError};
 use corebus::record::{BatchBuilder, RecordWriter};
-use flatbuffers::FlatBufferBuilder;
 
 fn connect(addr: &str) -> TcpStream {
     let s = TcpStream::connect(addr).expect("connect");
@@ -42,45 +41,11 @@ fn assert_closed_by_broker(mut s: TcpStream, within: Duration) {
 }
 
 fn list_topics_frame(id: u64) -> Vec<u8> {
-    let mut fbb = FlatBufferBuilder::new();
-    let body = wire::ListTopicsRequest::create(&mut fbb, &wire::ListTopicsRequestArgs {});
-    finish_request(
-        fbb,
-        id,
-        wire::RequestBody::ListTopicsRequest,
-        body.as_union_value(),
-    )
-    .as_bytes()
-    .to_vec()
+    requests::list_topics(id).as_bytes().to_vec()
 }
 
 fn produce_frame(id: u64, topic: &str, batches: &[u8]) -> Vec<u8> {
-    let mut fbb = FlatBufferBuilder::new();
-    let data = fbb.create_vector(batches);
-    let part = wire::PartitionProduce::create(
-        &mut fbb,
-        &wire::PartitionProduceArgs {
-            partition: 0,
-            batches: Some(data),
-        },
-    );
-    let parts = fbb.create_vector(&[part]);
-    let topic = fbb.create_string(topic);
-    let body = wire::ProduceRequest::create(
-        &mut fbb,
-        &wire::ProduceRequestArgs {
-            topic: Some(topic),
-            partitions: Some(parts),
-        },
-    );
-    finish_request(
-        fbb,
-        id,
-        wire::RequestBody::ProduceRequest,
-        body.as_union_value(),
-    )
-    .as_bytes()
-    .to_vec()
+    requests::produce(id, topic, 0, batches).as_bytes().to_vec()
 }
 
 struct Rng(u64);

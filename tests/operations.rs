@@ -84,7 +84,14 @@ fn metrics_move_with_the_load() {
     let out = broker.cli(&["topic", "create", "m", "--partitions", "1"], "");
     assert!(!out.status.success());
     let errors = scrape(&metrics_addr);
-    assert_eq!(metric(&errors, "corebus_errors_total", "code=\"TopicAlreadyExists\""), 1.0);
+    assert_eq!(
+        metric(
+            &errors,
+            "corebus_errors_total",
+            "code=\"TopicAlreadyExists\""
+        ),
+        1.0
+    );
     // During a connection, the gauge shows it.
     let _held = TcpStream::connect(broker.addr()).expect("connect");
     wait_until("connection gauge", Duration::from_secs(10), || {

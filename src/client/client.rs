@@ -9,6 +9,7 @@ use bytes::Bytes;
 use flatbuffers::FlatBufferBuilder;
 
 use super::connection::Connection;
+use super::requests;
 use super::ClientError;
 use crate::protocol::message::{finish_request, parse_response, ApiError};
 use crate::protocol::{wire, DEFAULT_MAX_FRAME_BYTES};
@@ -192,20 +193,7 @@ impl Client {
 
     /// Lists (topic, partition count).
     pub async fn list_topics(&self) -> Result<Vec<(String, u32)>, ClientError> {
-        let frame = self
-            .bootstrap
-            .call(|id| {
-                let mut fbb = FlatBufferBuilder::with_capacity(64);
-                let body =
-                    wire::ListTopicsRequest::create(&mut fbb, &wire::ListTopicsRequestArgs {});
-                finish_request(
-                    fbb,
-                    id,
-                    wire::RequestBody::ListTopicsRequest,
-                    body.as_union_value(),
-                )
-            })
-            .await?;
+        let frame = self.bootstrap.call(requests::list_topics).await?;
         let response = parse_response(&frame)?;
         let body = expect_body(response.body_as_list_topics_response(), "topic list")?;
         Ok(body
@@ -400,32 +388,7 @@ pub async fn produce_on(
     batches: &[u8],
 ) -> Result<(u64, u64), ClientError> {
     let frame = conn
-        .call(|id| {
-            let mut fbb = FlatBufferBuilder::with_capacity(256 + topic.len() + batches.len());
-            let data = fbb.create_vector(batches);
-            let part = wire::PartitionProduce::create(
-                &mut fbb,
-                &wire::PartitionProduceArgs {
-                    partition,
-                    batches: Some(data),
-                },
-            );
-            let parts = fbb.create_vector(&[part]);
-            let topic = fbb.create_string(topic);
-            let body = wire::ProduceRequest::create(
-                &mut fbb,
-                &wire::ProduceRequestArgs {
-                    topic: Some(topic),
-                    partitions: Some(parts),
-                },
-            );
-            finish_request(
-                fbb,
-                id,
-                wire::RequestBody::ProduceRequest,
-                body.as_union_value(),
-            )
-        })
+        .call(|id| requests::produce(id, topic, partition, batches))
         .await?;
     let response = parse_response(&frame)?;
     let body = expect_body(response.body_as_produce_response(), "produce result")?;
@@ -451,26 +414,7 @@ pub async fn fetch_on(
     max_wait_ms: u32,
 ) -> Result<Fetched, ClientError> {
     let frame = conn
-        .call(|id| {
-            let mut fbb = FlatBufferBuilder::with_capacity(128 + topic.len());
-            let topic = fbb.create_string(topic);
-            let body = wire::FetchRequest::create(
-                &mut fbb,
-                &wire::FetchRequestArgs {
-                    topic: Some(topic),
-                    partition,
-                    offset,
-                    max_bytes,
-                    max_wait_ms,
-                },
-            );
-            finish_request(
-                fbb,
-                id,
-                wire::RequestBody::FetchRequest,
-                body.as_union_value(),
-            )
-        })
+        .call(|id| requests::fetch(id, topic, partition, offset, max_bytes, max_wait_ms))
         .await?;
     let response = parse_response(&frame)?;
     let body = expect_body(response.body_as_fetch_response(), "fetch result")?;

@@ -8,6 +8,7 @@
 mod client;
 mod connection;
 mod producer;
+pub mod requests;
 
 pub use client::{Client, ClientOptions, Fetched, Metadata, PartitionInfo, PartitionStats, Stats};
 pub use connection::Connection;
