@@ -392,6 +392,33 @@ mod tests {
     }
 
     #[test]
+    fn the_example_of_docs_protocol_md_validates() {
+        let hex =
+            "00000000000000006400000000000000000000000000000076bc5191010000000100000000000000\
+                   0068e5cf8b0100000068e5cf8b01000000000000000000002000000000000000\
+                   0068e5cf8b010000ffffffff02000000686900000000000000000000";
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+            .collect();
+        let batch = Batch::validate(&bytes, 10).expect("documented batch is valid");
+        let record = batch.records().next().expect("one").expect("ok");
+        assert_eq!(record.value, b"hi");
+        assert_eq!(record.timestamp_ms, 1_700_000_000_000);
+        let mut built = BatchBuilder::new();
+        built.push(&RecordWriter {
+            timestamp_ms: 1_700_000_000_000,
+            value: b"hi",
+            ..RecordWriter::default()
+        });
+        assert_eq!(
+            built.finish(),
+            bytes,
+            "the builder writes exactly the documented bytes"
+        );
+    }
+
+    #[test]
     fn lying_lengths_are_refused() {
         let mut bytes = sample_batch(2);
         let len = bytes.len() as u32 + 10;
