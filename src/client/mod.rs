@@ -10,7 +10,10 @@ mod connection;
 mod producer;
 pub mod requests;
 
-pub use client::{Client, ClientOptions, Fetched, Metadata, PartitionInfo, PartitionStats, Stats};
+pub use client::{
+    fetch_on, produce_on, Client, ClientOptions, Fetched, Metadata, PartitionInfo, PartitionStats,
+    Stats,
+};
 pub use connection::Connection;
 pub use producer::{Producer, ProducerOptions};
 

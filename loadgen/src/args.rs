@@ -1,0 +1,116 @@
+//! Command-line options of corebus-loadgen.
+
+use std::time::Duration;
+
+use corebus::storage::Durability;
+
+/// corebus-loadgen: load a corebus broker and report throughput and latency percentiles.
+/// With no arguments it runs a short benchmark against an embedded broker.
+#[derive(clap::Parser, Debug, Clone, serde::Serialize)]
+#[command(name = "corebus-loadgen", version, about)]
+pub struct Args {
+    /// Broker to load; without it an embedded broker is started.
+    #[arg(long, conflicts_with = "embedded")]
+    pub addr: Option<String>,
+    /// Start a broker in this process on a temporary data dir (the default without --addr).
+    #[arg(long)]
+    pub embedded: bool,
+    /// Data directory of the embedded broker (default: a fresh directory under $TMPDIR, or the
+    /// current directory if $TMPDIR is tmpfs); removed afterwards.
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// Topic (created if missing).
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Partitions of the topic when it is created.
+    #[arg(long, default_value_t = 4)]
+    pub partitions: u32,
+    /// Producer tasks.
+    #[arg(long, default_value_t = 1)]
+    pub producers: u32,
+    /// Consumer tasks (0: produce only).
+    #[arg(long, default_value_t = 1)]
+    pub consumers: u32,
+    /// Bytes per message value.
+    #[arg(long, default_value_t = 1024)]
+    pub message_size: usize,
+    /// Bytes per produced batch.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub batch_bytes: usize,
+    /// Produce requests in flight per producer (closed loop).
+    #[arg(long, default_value_t = 4)]
+    pub in_flight: usize,
+    /// Measured time.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub duration: Duration,
+    /// Time before measuring starts (its messages are still verified).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration")]
+    pub warmup: Duration,
+    /// Open loop: this many messages per second in total, latency measured from each
+    /// message's intended send time (coordinated-omission correct). Default: closed loop.
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Durability of the embedded broker.
+    #[arg(long, value_enum, default_value = "sync")]
+    #[serde(serialize_with = "ser_durability")]
+    pub durability: Durability,
+    /// CPU for the load generator.
+    #[arg(long)]
+    pub cpu: Option<usize>,
+    /// CPU for the embedded broker.
+    #[arg(long)]
+    pub broker_cpu: Option<usize>,
+    /// Write the results as JSON to this file.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("'{text}' is not a duration"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        _ => return Err(format!("'{text}': unknown unit '{unit}' (ms, s, m)")),
+    };
+    Ok(Duration::from_secs_f64(seconds))
+}
+
+fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+fn ser_durability<S: serde::Serializer>(d: &Durability, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(d.as_str())
+}
+
+impl Args {
+    /// Checks the options.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.message_size < crate::payload::HEADER_BYTES {
+            return Err(format!(
+                "--message-size must be at least {}",
+                crate::payload::HEADER_BYTES
+            ));
+        }
+        if self.producers == 0 || self.partitions == 0 || self.in_flight == 0 {
+            return Err("--producers, --partitions and --in-flight must be at least 1".into());
+        }
+        if self.batch_bytes < self.message_size {
+            return Err("--batch-bytes must hold at least one message".into());
+        }
+        if self.rate == Some(0) {
+            return Err("--rate must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,155 @@
+//! Consumer tasks: read every partition from where the run began, check every message (its
+//! payload bytes, per-partition order of each producer's sequence, no duplicates), and measure
+//! end-to-end latency.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::Duration;
+
+use corebus::client::{Client, ClientError};
+use corebus::record::BatchIter;
+use futures::future::join_all;
+
+use crate::payload::{self, Filler};
+use crate::stats::{Clock, Stats};
+
+/// Bytes asked per fetch.
+const FETCH_BYTES: u32 = 4 << 20;
+/// Long-poll time of a fetch.
+const FETCH_WAIT_MS: u32 = 50;
+/// How long consumers may take to catch up after the producers stopped.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(30);
+
+/// What the consumers share.
+pub struct Shared {
+    /// The client.
+    pub client: Rc<Client>,
+    /// Topic.
+    pub topic: String,
+    /// Measurements.
+    pub stats: Rc<Stats>,
+    /// The run's clock.
+    pub clock: Clock,
+    /// Payload filler.
+    pub filler: Rc<Filler>,
+    /// First offset of the run, per partition.
+    pub start: Vec<u64>,
+    /// Set when producers are done; `targets` then holds where each partition ends.
+    pub producers_done: Rc<Cell<bool>>,
+    /// Per partition: one past the highest acknowledged offset (final once producers are done).
+    pub targets: Rc<std::cell::RefCell<Vec<u64>>>,
+}
+
+/// The high watermark of each partition now: where a run's consumers start.
+pub async fn current_ends(
+    client: &Client,
+    topic: &str,
+    partitions: u32,
+) -> Result<Vec<u64>, String> {
+    let mut ends = Vec::with_capacity(partitions as usize);
+    for p in 0..partitions {
+        match client.fetch(topic, p, u64::MAX, 1, 0).await {
+            Err(ClientError::OffsetOutOfRange { high_watermark, .. }) => ends.push(high_watermark),
+            Ok(_) => ends.push(0),
+            Err(e) => return Err(format!("{topic}/{p}: {e}")),
+        }
+    }
+    Ok(ends)
+}
+
+/// Runs `consumers` tasks over the partitions until every partition reaches its target.
+pub async fn run(shared: Rc<Shared>, consumers: u32) {
+    let partitions = shared.start.len() as u32;
+    let tasks = (0..consumers).map(|c| {
+        let shared = Rc::clone(&shared);
+        let mine: Vec<u32> = (0..partitions).filter(|p| p % consumers == c).collect();
+        async move {
+            join_all(mine.into_iter().map(|p| consume_partition(&shared, p))).await;
+        }
+    });
+    join_all(tasks).await;
+}
+
+async fn consume_partition(shared: &Shared, partition: u32) {
+    let mut offset = shared.start[partition as usize];
+    let mut last_seq: HashMap<u32, u64> = HashMap::new();
+    let mut drain_started: Option<std::time::Instant> = None;
+    loop {
+        if shared.producers_done.get() {
+            let target = shared
+                .targets
+                .borrow()
+                .get(partition as usize)
+                .copied()
+                .unwrap_or(0);
+            if offset >= target {
+                return;
+            }
+            let started = *drain_started.get_or_insert_with(std::time::Instant::now);
+            if started.elapsed() > DRAIN_DEADLINE {
+                shared.stats.error(format!(
+                    "partition {partition}: stopped at offset {offset}, {} acknowledged messages never read",
+                    target - offset
+                ));
+                return;
+            }
+        }
+        let fetched = match shared
+            .client
+            .fetch(&shared.topic, partition, offset, FETCH_BYTES, FETCH_WAIT_MS)
+            .await
+        {
+            Ok(f) => f,
+            Err(e) => {
+                shared
+                    .stats
+                    .error(format!("fetch {partition}@{offset}: {e}"));
+                glommio::timer::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let now = shared.clock.now_ns();
+        for batch in BatchIter::new(&fetched.batches) {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    shared
+                        .stats
+                        .error(format!("partition {partition}: bad batch: {e}"));
+                    break;
+                }
+            };
+            let base = batch.header().base_offset();
+            for record in batch.records() {
+                let Ok(record) = record else {
+                    shared
+                        .stats
+                        .error(format!("partition {partition}: bad record"));
+                    break;
+                };
+                let at = base + u64::from(record.offset_delta);
+                if at < offset {
+                    continue;
+                }
+                offset = at + 1;
+                let Some(msg) = payload::check(record.value, &shared.filler) else {
+                    shared.stats.error(format!(
+                        "partition {partition} offset {at}: payload damaged"
+                    ));
+                    continue;
+                };
+                if let Some(&prev) = last_seq.get(&msg.producer) {
+                    if msg.seq <= prev {
+                        shared.stats.error(format!(
+                            "partition {partition} offset {at}: producer {} seq {} after {prev} (duplicate or out of order)",
+                            msg.producer, msg.seq
+                        ));
+                    }
+                }
+                last_seq.insert(msg.producer, msg.seq);
+                shared.stats.consumed(msg.sent_ns, now, record.value.len());
+            }
+        }
+    }
+}

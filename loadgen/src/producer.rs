@@ -1,0 +1,198 @@
+//! Producer tasks: closed loop (a fixed number of requests in flight) or open loop (a schedule
+//! of intended send times; latency counts from the intended time, so a slow broker cannot hide
+//! its stalls by slowing the generator down: no coordinated omission).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Duration;
+
+use corebus::client::Client;
+use corebus::record::{BatchBuilder, RecordWriter};
+use futures::future::join_all;
+use glommio::sync::Semaphore;
+
+use crate::args::Args;
+use crate::payload::{self, Filler};
+use crate::stats::{Clock, Stats};
+
+/// Open-loop requests in flight per producer at most (the schedule keeps its times anyway).
+const OPEN_LOOP_MAX_IN_FLIGHT: u64 = 4096;
+
+/// What every producer task shares.
+pub struct Shared {
+    /// The client.
+    pub client: Rc<Client>,
+    /// Topic.
+    pub topic: String,
+    /// Options.
+    pub args: Args,
+    /// Measurements.
+    pub stats: Rc<Stats>,
+    /// The run's clock.
+    pub clock: Clock,
+    /// Payload filler.
+    pub filler: Rc<Filler>,
+    /// Producers stop sending at this time (ns).
+    pub stop_ns: u64,
+    /// Per partition: one past the highest acknowledged offset.
+    pub acked_end: Rc<RefCell<Vec<u64>>>,
+}
+
+/// One producer's sequence and partition cursors.
+struct Cursor {
+    id: u32,
+    seq: Cell<u64>,
+    batch: Cell<u64>,
+}
+
+impl Cursor {
+    fn next_partition(&self, partitions: u32, producers: u32) -> u32 {
+        let b = self.batch.get();
+        self.batch.set(b + 1);
+        ((u64::from(self.id) + b * u64::from(producers)) % u64::from(partitions)) as u32
+    }
+}
+
+/// Builds one batch of `count` messages with send times from `sent_ns(i)`; returns the bytes.
+fn build_batch(
+    shared: &Shared,
+    cursor: &Cursor,
+    builder: &mut BatchBuilder,
+    scratch: &mut Vec<u8>,
+    count: usize,
+    sent_ns: impl Fn(usize) -> u64,
+) -> Vec<u8> {
+    let key = cursor.id.to_le_bytes();
+    for i in 0..count {
+        let seq = cursor.seq.get();
+        cursor.seq.set(seq + 1);
+        payload::write(
+            scratch,
+            &shared.filler,
+            cursor.id,
+            seq,
+            sent_ns(i),
+            shared.args.message_size,
+        );
+        builder.push(&RecordWriter {
+            timestamp_ms: corebus::broker::shard::now_ms(),
+            key: Some(&key),
+            value: scratch,
+            ..RecordWriter::default()
+        });
+    }
+    builder.finish()
+}
+
+/// Messages per batch: as many as fit in `--batch-bytes`.
+pub fn messages_per_batch(args: &Args) -> usize {
+    // Record overhead: 4 length + 4 delta + 8 time + 4+4 key + 4 value + 8 attributes + 2 headers.
+    let per_message = args.message_size + 38;
+    ((args.batch_bytes.saturating_sub(64)) / per_message).max(1)
+}
+
+async fn send(shared: &Shared, partition: u32, bytes: &[u8], sent: &[u64]) {
+    let result = shared.client.produce(&shared.topic, partition, bytes).await;
+    let acked_ns = shared.clock.now_ns();
+    match result {
+        Ok((_, last)) => {
+            for &s in sent {
+                shared.stats.acked(s, acked_ns, shared.args.message_size);
+            }
+            let mut ends = shared.acked_end.borrow_mut();
+            if let Some(end) = ends.get_mut(partition as usize) {
+                *end = (*end).max(last + 1);
+            }
+        }
+        Err(e) => shared
+            .stats
+            .error(format!("produce to partition {partition}: {e}")),
+    }
+}
+
+/// Runs every producer until the stop time; returns when all their requests are answered.
+pub async fn run(shared: Rc<Shared>) {
+    let producers = (0..shared.args.producers).map(|id| {
+        let shared = Rc::clone(&shared);
+        async move {
+            let cursor = Rc::new(Cursor {
+                id,
+                seq: Cell::new(0),
+                batch: Cell::new(0),
+            });
+            match shared.args.rate {
+                None => closed_loop(shared, cursor).await,
+                Some(rate) => open_loop(shared, cursor, rate).await,
+            }
+        }
+    });
+    join_all(producers).await;
+}
+
+async fn closed_loop(shared: Rc<Shared>, cursor: Rc<Cursor>) {
+    let per_batch = messages_per_batch(&shared.args);
+    let workers = (0..shared.args.in_flight).map(|_| {
+        let (shared, cursor) = (Rc::clone(&shared), Rc::clone(&cursor));
+        async move {
+            let mut builder = BatchBuilder::with_capacity(shared.args.batch_bytes + 4096);
+            let mut scratch = Vec::with_capacity(shared.args.message_size);
+            let mut sent = vec![0u64; per_batch];
+            while shared.clock.now_ns() < shared.stop_ns {
+                let partition =
+                    cursor.next_partition(shared.args.partitions, shared.args.producers);
+                let now = shared.clock.now_ns();
+                let bytes = build_batch(
+                    &shared,
+                    &cursor,
+                    &mut builder,
+                    &mut scratch,
+                    per_batch,
+                    |_| now,
+                );
+                sent.iter_mut().for_each(|s| *s = now);
+                send(&shared, partition, &bytes, &sent).await;
+            }
+        }
+    });
+    join_all(workers).await;
+}
+
+async fn open_loop(shared: Rc<Shared>, cursor: Rc<Cursor>, rate: u64) {
+    let per_producer = (rate as f64 / f64::from(shared.args.producers)).max(1e-3);
+    let interval_ns = 1e9 / per_producer;
+    let per_batch = messages_per_batch(&shared.args);
+    let start_ns = shared.clock.now_ns();
+    let intended = |k: u64| start_ns + (k as f64 * interval_ns) as u64;
+    let permits = Rc::new(Semaphore::new(OPEN_LOOP_MAX_IN_FLIGHT));
+    let mut builder = BatchBuilder::with_capacity(shared.args.batch_bytes + 4096);
+    let mut scratch = Vec::with_capacity(shared.args.message_size);
+    let mut next = 0u64;
+    while intended(next) < shared.stop_ns {
+        let now = shared.clock.now_ns();
+        if intended(next) > now {
+            glommio::timer::sleep(Duration::from_nanos(intended(next) - now)).await;
+            continue;
+        }
+        // Every message whose time has come goes now, in batches of at most `per_batch`.
+        let due = (((now - start_ns) as f64 / interval_ns) as u64 + 1).saturating_sub(next);
+        let count = (due as usize).clamp(1, per_batch);
+        let first = next;
+        let bytes = build_batch(&shared, &cursor, &mut builder, &mut scratch, count, |i| {
+            intended(first + i as u64)
+        });
+        let sent: Vec<u64> = (0..count as u64).map(|i| intended(first + i)).collect();
+        next += count as u64;
+        let partition = cursor.next_partition(shared.args.partitions, shared.args.producers);
+        let Ok(permit) = permits.acquire_static_permit(1).await else {
+            break;
+        };
+        let shared = Rc::clone(&shared);
+        glommio::spawn_local(async move {
+            send(&shared, partition, &bytes, &sent).await;
+            drop(permit);
+        })
+        .detach();
+    }
+    // Every request answered: all permits back.
+    let _all = permits.acquire_permit(OPEN_LOOP_MAX_IN_FLIGHT).await;
+}

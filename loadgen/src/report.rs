@@ -1,0 +1,102 @@
+//! The summary table and the JSON report.
+
+use std::time::Duration;
+
+use crate::args::Args;
+use crate::stats::{percentiles, Stats};
+
+/// The outcome of a run.
+pub struct Report {
+    /// The JSON document (also the source of the table).
+    pub json: serde_json::Value,
+    /// Errors and verification failures.
+    pub errors: u64,
+}
+
+fn latency_json(h: &hdrhistogram::Histogram<u64>) -> serde_json::Value {
+    let mut obj = serde_json::Map::new();
+    for (name, v) in percentiles(h) {
+        obj.insert(name.into(), serde_json::json!(v));
+    }
+    serde_json::Value::Object(obj)
+}
+
+/// Builds the report from the stats of a run measured over `measured`.
+pub fn build(args: &Args, stats: &Stats, measured: Duration, extra_errors: u64) -> Report {
+    let secs = measured.as_secs_f64().max(1e-9);
+    let errors = stats.errors.get() + extra_errors;
+    let json = serde_json::json!({
+        "config": args,
+        "produce": {
+            "messages": stats.produced.get(),
+            "bytes": stats.produced_bytes.get(),
+            "msgs_per_sec": stats.produced.get() as f64 / secs,
+            "mb_per_sec": stats.produced_bytes.get() as f64 / 1e6 / secs,
+            "ack_latency_us": latency_json(&stats.ack_latency.borrow()),
+        },
+        "consume": {
+            "messages": stats.consumed.get(),
+            "msgs_per_sec": stats.consumed.get() as f64 / secs,
+            "mb_per_sec": stats.consumed_bytes.get() as f64 / 1e6 / secs,
+        },
+        "e2e_latency_us": latency_json(&stats.e2e_latency.borrow()),
+        "errors": errors,
+    });
+    Report { json, errors }
+}
+
+fn row(name: &str, h: &hdrhistogram::Histogram<u64>) -> String {
+    let ms = |us: u64| format!("{:.3}", us as f64 / 1000.0);
+    let p = percentiles(h);
+    format!(
+        "{name:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        ms(p[0].1),
+        ms(p[1].1),
+        ms(p[2].1),
+        ms(p[3].1),
+        ms(p[4].1),
+        ms(p[5].1)
+    )
+}
+
+/// Prints the summary table on stdout.
+pub fn print(report: &Report, stats: &Stats) {
+    let j = &report.json;
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    println!();
+    println!(
+        "{:<22} {:>14} {:>14} {:>12}",
+        "", "messages", "msgs/s", "MB/s"
+    );
+    println!(
+        "{:<22} {:>14} {:>14.0} {:>12.1}",
+        "produce (acked)",
+        j["produce"]["messages"],
+        f(&j["produce"]["msgs_per_sec"]),
+        f(&j["produce"]["mb_per_sec"])
+    );
+    println!(
+        "{:<22} {:>14} {:>14.0} {:>12.1}",
+        "consume",
+        j["consume"]["messages"],
+        f(&j["consume"]["msgs_per_sec"]),
+        f(&j["consume"]["mb_per_sec"])
+    );
+    println!();
+    println!(
+        "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "latency (ms)", "p50", "p90", "p99", "p99.9", "p99.99", "max"
+    );
+    println!("{}", row("publish -> ack", &stats.ack_latency.borrow()));
+    println!("{}", row("end to end", &stats.e2e_latency.borrow()));
+    println!();
+    println!(
+        "verified: {} acknowledged, {} consumed, errors {}",
+        stats.acked_total.get(),
+        stats.consumed_total.get(),
+        report.errors
+    );
+    for e in stats.error_samples.borrow().iter() {
+        println!("  error: {e}");
+    }
+}
