@@ -47,6 +47,9 @@ impl std::error::Error for FrameError {}
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
+    /// Bytes from the start of `buf` that are initialized memory (within its capacity), so
+    /// that the spare room is zeroed once, not before every read.
+    initialized: usize,
     max_frame_bytes: usize,
     /// When the first byte of the frame now being read arrived.
     partial_since: Option<std::time::Instant>,
@@ -60,6 +63,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         Self {
             inner,
             buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            initialized: 0,
             max_frame_bytes,
             partial_since: None,
             frame_deadline: None,
@@ -88,14 +92,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 if self.buf.len() >= 4 + len {
                     let frame = self.buf.split_to(4 + len).freeze();
+                    self.initialized -= 4 + len;
                     self.partial_since = (!self.buf.is_empty()).then(std::time::Instant::now);
                     return Ok(Some(frame));
                 }
-                self.buf.reserve(4 + len - self.buf.len());
+                self.grow(4 + len - self.buf.len());
+            }
+            if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
+                self.grow(READ_CHUNK_BYTES);
             }
             let start = self.buf.len();
-            let spare = (self.buf.capacity() - start).max(READ_CHUNK_BYTES);
-            self.buf.resize(start + spare, 0);
+            self.expose_spare();
             let read = self.inner.read(&mut self.buf[start..]).await;
             let n = match read {
                 Ok(n) => n,
@@ -121,6 +128,33 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
         }
+    }
+
+    /// Makes room for `additional` more bytes, noting a reallocation (whose new memory is not
+    /// initialized).
+    fn grow(&mut self, additional: usize) {
+        let before = self.buf.as_ptr();
+        self.buf.reserve(additional);
+        if self.buf.as_ptr() != before {
+            self.initialized = self.buf.len();
+        }
+    }
+
+    /// Extends `buf` over its whole capacity for a read, zeroing only memory never
+    /// initialized before (the rest holds stale bytes, never read: the caller truncates to
+    /// what the read returned).
+    fn expose_spare(&mut self) {
+        let len = self.buf.len();
+        let capacity = self.buf.capacity();
+        if self.initialized < capacity {
+            let from = self.initialized.max(len) - len;
+            for byte in &mut self.buf.spare_capacity_mut()[from..] {
+                byte.write(0);
+            }
+            self.initialized = capacity;
+        }
+        // SAFETY: every byte up to `capacity` is initialized (zeroed above, or written before).
+        unsafe { self.buf.set_len(capacity) };
     }
 
     fn holds_whole_frame(&self) -> bool {
