@@ -173,3 +173,54 @@ fn a_bad_checksum_in_acknowledged_data_is_kept_reported_and_skipped() {
     })
     .expect("executor");
 }
+
+/// Regression (found by the `segment_recovery` fuzz target): damaged bytes in acknowledged
+/// data that hold no offset, i.e. the next valid batch is the one the scan expects. Recovery
+/// used to report the range `expected..=next - 1`: an overflow panic for offset 0 (debug
+/// builds) or, wrapped, a corrupt range `0..=u64::MAX` that refused every read of the
+/// partition (release builds). Nothing is lost, so nothing may be refused. The junk between
+/// batches also covers the read path: a fetch whose window reaches damaged bytes with an
+/// invalid length after the batches it wants serves those batches instead of failing.
+#[test]
+fn damaged_bytes_that_hold_no_offset_refuse_nothing() {
+    corebus::runtime::block_on(None, async {
+        prime_direct_io().await;
+        let source = common::fresh_dir("junk-source");
+        let ends = write_log(&source, 5).await;
+        let total = *ends.last().expect("batches") as usize;
+        let original = std::fs::read(source.join(SEGMENT)).expect("segment");
+        let junk = [0xabu8; 64];
+        // Junk before the first batch (offset 0 expected) and between batches 2 and 3.
+        for at in [0, ends[1] as usize] {
+            let dir = common::fresh_dir("junk");
+            let mut bytes = original[..at].to_vec();
+            bytes.extend_from_slice(&junk);
+            bytes.extend_from_slice(&original[at..total]);
+            bytes.resize(64 * 1024, 0);
+            std::fs::write(dir.join(SEGMENT), &bytes).expect("damaged copy");
+            Checkpoint {
+                segment_base: 0,
+                durable_end: (total + junk.len()) as u64,
+                next_offset: 15,
+                clean: false,
+            }
+            .save(&dir)
+            .expect("checkpoint");
+
+            let log = PartitionLog::open(&dir, config()).await.expect("opens");
+            assert_eq!(log.high_watermark(), 15, "junk at byte {at}");
+            assert_eq!(log.stats().corrupt_ranges, 0, "junk at byte {at}");
+            let values = read_all(&log).await;
+            assert_eq!(
+                values.len(),
+                15,
+                "junk at byte {at}: every record is served"
+            );
+            let ticket = log.append(&[batch(15, 3)], 3).await.expect("append");
+            assert_eq!(ticket.durable().await.expect("durable"), (15, 17));
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let _ = std::fs::remove_dir_all(&source);
+    })
+    .expect("executor");
+}

@@ -774,6 +774,9 @@ impl PartitionLog {
                     .map_err(|e| StorageError::Corrupt(e.to_string()))?;
                 let blen = header.batch_len() as usize;
                 if blen < HEADER_LEN || abs + blen as u64 > end {
+                    if first.is_some() {
+                        break; // serve what came before it, as for a CRC failure below
+                    }
                     return Err(corrupt_read(path, abs, "its length is invalid"));
                 }
                 if at + blen > window.len() {
