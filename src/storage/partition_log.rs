@@ -1039,8 +1039,11 @@ async fn recover_segment(
                 end: 0,
                 next_offset: 0,
             },
+            // A file shorter than the checkpoint's durable end lost acknowledged bytes: the
+            // scan reports their offsets, and the log must not end past the file's bytes
+            // (the tail block is read from there and the next flush lands there).
             |c| DurablePoint {
-                end: c.durable_end,
+                end: c.durable_end.min(seg.allocated),
                 next_offset: c.next_offset,
             },
         ),

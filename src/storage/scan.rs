@@ -177,6 +177,8 @@ pub async fn scan_segment(
                         report(seg, abs, expected, durable.next_offset - 1, corrupt);
                         seg.end = durable_end;
                         seg.next_offset = durable.next_offset;
+                        // Appends land after the unreadable bytes: index the first of them.
+                        seg.index_next_batch();
                     }
                     return Ok(ScanEnd::Clean);
                 }

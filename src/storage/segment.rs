@@ -152,6 +152,12 @@ impl Segment {
         self.last_indexed_pos = Some(pos);
     }
 
+    /// Makes the next batch recorded get an index entry (after unreadable bytes that the log
+    /// now ends past, so that readers can reach that batch without walking through them).
+    pub fn index_next_batch(&mut self) {
+        self.last_indexed_pos = None;
+    }
+
     /// Index entries from the index files, checked for order and bounds (entries past
     /// `limit` bytes are dropped). Recovery checks the last one against the log.
     pub fn load_index(&mut self, limit: u64) {
