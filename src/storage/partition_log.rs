@@ -733,17 +733,17 @@ impl PartitionLog {
                 st.segments.get(i).map(|s| {
                     (
                         Rc::clone(&s.file),
-                        s.position_for(offset),
+                        s.entry_for(offset),
                         s.end,
                         s.path("log"),
                     )
                 })
             };
-            let Some((file, pos, end, path)) = target else {
+            let Some((file, (first_offset, pos), end, path)) = target else {
                 return Ok(Vec::new());
             };
             let bytes = self
-                .read_segment(&file, &path, pos, end, offset, max_bytes)
+                .read_segment(&file, &path, (first_offset, pos), end, offset, max_bytes)
                 .await?;
             if !bytes.is_empty() {
                 return Ok(bytes);
@@ -752,15 +752,20 @@ impl PartitionLog {
         }
     }
 
+    /// Reads whole batches from `start` = (offset of the batch there, position), walking to
+    /// the one that holds `offset`. A batch is served only if its CRC matches and its base
+    /// offset (outside the CRC) continues the walk; others are damage, skipped before the
+    /// wanted offset and never served.
     async fn read_segment(
         &self,
         file: &DmaFile,
         path: &Path,
-        mut pos: u64,
+        start: (u64, u64),
         end: u64,
         offset: u64,
         max_bytes: usize,
     ) -> Result<Vec<u8>, StorageError> {
+        let (mut next, mut pos) = start;
         let mut want = max_bytes.max(64 * 1024);
         while pos < end {
             let len = (want as u64).min(end - pos) as usize;
@@ -783,17 +788,27 @@ impl PartitionLog {
                     need_more = Some(blen);
                     break;
                 }
-                if !batch::crc_matches(&window[at..at + blen]) {
-                    if first.is_none() && header.last_offset() < offset {
+                // The batch should hold `next..=last`; its count is all a damaged one offers.
+                let last = next.saturating_add(u64::from(header.last_offset_delta()));
+                let crc_ok = batch::crc_matches(&window[at..at + blen]);
+                if !crc_ok || header.base_offset() != next {
+                    if first.is_none() && last < offset {
+                        next = last.saturating_add(1);
                         at += blen; // a damaged batch before the one wanted: skip it
                         continue;
                     }
                     if first.is_some() {
                         break; // serve what came before it; the next fetch reports it
                     }
-                    return Err(corrupt_read(path, abs, "CRC32C mismatch"));
+                    let what = if crc_ok {
+                        "its base offset does not follow the batch before it"
+                    } else {
+                        "CRC32C mismatch"
+                    };
+                    return Err(corrupt_read(path, abs, what));
                 }
-                if header.last_offset() < offset {
+                next = last.saturating_add(1);
+                if last < offset {
                     at += blen;
                     continue;
                 }

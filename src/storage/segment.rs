@@ -242,11 +242,17 @@ impl Segment {
 
     /// The index position to start reading `offset` from.
     pub fn position_for(&self, offset: u64) -> u64 {
+        self.entry_for(offset).1
+    }
+
+    /// The index entry to start reading `offset` from: (offset of the batch there, position);
+    /// the segment's start when no entry comes before `offset`.
+    pub fn entry_for(&self, offset: u64) -> (u64, u64) {
         let i = self.index.partition_point(|&(o, _)| o <= offset);
         if i == 0 {
-            0
+            (self.base_offset, 0)
         } else {
-            self.index[i - 1].1
+            self.index[i - 1]
         }
     }
 
