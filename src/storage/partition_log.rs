@@ -802,17 +802,17 @@ impl PartitionLog {
                 st.segments.get(i).map(|s| {
                     (
                         Rc::clone(&s.file),
-                        s.position_for(offset),
+                        s.entry_for(offset),
                         s.end,
                         s.path("log"),
                     )
                 })
             };
-            let Some((file, pos, end, path)) = target else {
+            let Some((file, (first_offset, pos), end, path)) = target else {
                 return Ok(Vec::new());
             };
             let bytes = self
-                .read_segment(&file, &path, pos, end, offset, max_bytes)
+                .read_segment(&file, &path, (first_offset, pos), end, offset, max_bytes)
                 .await?;
             if !bytes.is_empty() {
                 return Ok(bytes);
@@ -821,15 +821,20 @@ impl PartitionLog {
         }
     }
 
+    /// Reads whole batches from `start` = (offset of the batch there, position), walking to
+    /// the one that holds `offset`. A batch is served only if its CRC matches and its base
+    /// offset (outside the CRC) continues the walk; others are damage, skipped before the
+    /// wanted offset and never served.
     async fn read_segment(
         &self,
         file: &DmaFile,
         path: &Path,
-        mut pos: u64,
+        start: (u64, u64),
         end: u64,
         offset: u64,
         max_bytes: usize,
     ) -> Result<Vec<u8>, StorageError> {
+        let (mut next, mut pos) = start;
         let mut want = max_bytes.max(64 * 1024);
         while pos < end {
             let len = (want as u64).min(end - pos) as usize;
@@ -843,23 +848,36 @@ impl PartitionLog {
                     .map_err(|e| StorageError::Corrupt(e.to_string()))?;
                 let blen = header.batch_len() as usize;
                 if blen < HEADER_LEN || abs + blen as u64 > end {
+                    if first.is_some() {
+                        break; // serve what came before it, as for a CRC failure below
+                    }
                     return Err(corrupt_read(path, abs, "its length is invalid"));
                 }
                 if at + blen > window.len() {
                     need_more = Some(blen);
                     break;
                 }
-                if !batch::crc_matches(&window[at..at + blen]) {
-                    if first.is_none() && header.last_offset() < offset {
+                // The batch should hold `next..=last`; its count is all a damaged one offers.
+                let last = next.saturating_add(u64::from(header.last_offset_delta()));
+                let crc_ok = batch::crc_matches(&window[at..at + blen]);
+                if !crc_ok || header.base_offset() != next {
+                    if first.is_none() && last < offset {
+                        next = last.saturating_add(1);
                         at += blen; // a damaged batch before the one wanted: skip it
                         continue;
                     }
                     if first.is_some() {
                         break; // serve what came before it; the next fetch reports it
                     }
-                    return Err(corrupt_read(path, abs, "CRC32C mismatch"));
+                    let what = if crc_ok {
+                        "its base offset does not follow the batch before it"
+                    } else {
+                        "CRC32C mismatch"
+                    };
+                    return Err(corrupt_read(path, abs, what));
                 }
-                if header.last_offset() < offset {
+                next = last.saturating_add(1);
+                if last < offset {
                     at += blen;
                     continue;
                 }
@@ -1105,8 +1123,11 @@ async fn recover_segment(
                 end: 0,
                 next_offset: 0,
             },
+            // A file shorter than the checkpoint's durable end lost acknowledged bytes: the
+            // scan reports their offsets, and the log must not end past the file's bytes
+            // (the tail block is read from there and the next flush lands there).
             |c| DurablePoint {
-                end: c.durable_end,
+                end: c.durable_end.min(seg.allocated),
                 next_offset: c.next_offset,
             },
         ),

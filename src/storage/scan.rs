@@ -151,7 +151,17 @@ pub async fn scan_segment(
             }
             match resync(seg, abs + 1, expected, limit, config).await? {
                 Some((next_pos, next_base)) => {
-                    report(seg, abs, expected, next_base - 1, corrupt);
+                    if next_base > expected {
+                        report(seg, abs, expected, next_base - 1, corrupt);
+                    } else {
+                        // The damaged bytes held no offset: the next batch is the one expected.
+                        // There is nothing to refuse to readers (and no `expected - 1`).
+                        eprintln!(
+                            "corebus: CORRUPT bytes in {} at {abs}..{next_pos}: they hold no \
+                             offset (the batch of offset {expected} follows them); skipped",
+                            seg.path("log").display()
+                        );
+                    }
                     expected = next_base;
                     seg.next_offset = expected;
                     pos = next_pos;
@@ -167,6 +177,8 @@ pub async fn scan_segment(
                         report(seg, abs, expected, durable.next_offset - 1, corrupt);
                         seg.end = durable_end;
                         seg.next_offset = durable.next_offset;
+                        // Appends land after the unreadable bytes: index the first of them.
+                        seg.index_next_batch();
                     }
                     return Ok(ScanEnd::Clean);
                 }

@@ -152,6 +152,12 @@ impl Segment {
         self.last_indexed_pos = Some(pos);
     }
 
+    /// Makes the next batch recorded get an index entry (after unreadable bytes that the log
+    /// now ends past, so that readers can reach that batch without walking through them).
+    pub fn index_next_batch(&mut self) {
+        self.last_indexed_pos = None;
+    }
+
     /// Index entries from the index files, checked for order and bounds (entries past
     /// `limit` bytes are dropped). Recovery checks the last one against the log.
     pub fn load_index(&mut self, limit: u64) {
@@ -236,11 +242,17 @@ impl Segment {
 
     /// The index position to start reading `offset` from.
     pub fn position_for(&self, offset: u64) -> u64 {
+        self.entry_for(offset).1
+    }
+
+    /// The index entry to start reading `offset` from: (offset of the batch there, position);
+    /// the segment's start when no entry comes before `offset`.
+    pub fn entry_for(&self, offset: u64) -> (u64, u64) {
         let i = self.index.partition_point(|&(o, _)| o <= offset);
         if i == 0 {
-            0
+            (self.base_offset, 0)
         } else {
-            self.index[i - 1].1
+            self.index[i - 1]
         }
     }
 
