@@ -156,8 +156,8 @@ pub async fn scan_segment(
                     } else {
                         // The damaged bytes held no offset: the next batch is the one expected.
                         // There is nothing to refuse to readers (and no `expected - 1`).
-                        eprintln!(
-                            "corebus: CORRUPT bytes in {} at {abs}..{next_pos}: they hold no \
+                        tracing::error!(
+                            "CORRUPT bytes in {} at {abs}..{next_pos}: they hold no \
                              offset (the batch of offset {expected} follows them); skipped",
                             seg.path("log").display()
                         );
