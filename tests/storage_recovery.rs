@@ -45,7 +45,7 @@ async fn prime_direct_io() {
 }
 
 /// Every record value readable from offset 0, in order.
-async fn read_all(log: &PartitionLog) -> Vec<String> {
+async fn read_all(log: &Rc<PartitionLog>) -> Vec<String> {
     let mut values = Vec::new();
     let mut offset = 0;
     while offset < log.high_watermark() {

@@ -62,6 +62,10 @@ pub struct Args {
     /// CPU for the embedded broker.
     #[arg(long)]
     pub broker_cpu: Option<usize>,
+    /// Consumers start only after the producers finished and read the whole backlog: most of
+    /// it from disk (older than the in-memory tail); consume rates are over that catch-up.
+    #[arg(long)]
+    pub catch_up: bool,
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,

@@ -15,7 +15,7 @@ use crate::payload::{self, Filler};
 use crate::stats::{Clock, Stats};
 
 /// Bytes asked per fetch.
-const FETCH_BYTES: u32 = 4 << 20;
+const FETCH_BYTES: u32 = 8 << 20;
 /// Long-poll time of a fetch.
 const FETCH_WAIT_MS: u32 = 50;
 /// How long consumers may take to catch up after the producers stopped.

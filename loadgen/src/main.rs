@@ -139,12 +139,24 @@ async fn load(args: Args, addr: String, topic: String) -> Result<(report::Report
         producers_done: Rc::clone(&producers_done),
         targets: Rc::clone(&acked_end),
     });
-    let consumers = (args.consumers > 0)
-        .then(|| glommio::spawn_local(consumer::run(Rc::clone(&consumer_shared), args.consumers)));
-    producer::run(producer_shared).await;
-    producers_done.set(true);
-    if let Some(c) = consumers {
-        c.await;
+    let mut consume_window = args.duration;
+    if args.catch_up {
+        producer::run(producer_shared).await;
+        producers_done.set(true);
+        let started = std::time::Instant::now();
+        if args.consumers > 0 {
+            consumer::run(Rc::clone(&consumer_shared), args.consumers).await;
+        }
+        consume_window = started.elapsed();
+    } else {
+        let consumers = (args.consumers > 0).then(|| {
+            glommio::spawn_local(consumer::run(Rc::clone(&consumer_shared), args.consumers))
+        });
+        producer::run(producer_shared).await;
+        producers_done.set(true);
+        if let Some(c) = consumers {
+            c.await;
+        }
     }
     stop_progress.set(true);
     progress.await;
@@ -160,7 +172,7 @@ async fn load(args: Args, addr: String, topic: String) -> Result<(report::Report
         extra_errors += 1;
         stats.error("no message was acknowledged".into());
     }
-    let report = report::build(&args, &stats, args.duration, extra_errors);
+    let report = report::build(&args, &stats, args.duration, consume_window, extra_errors);
     drop(consumer_shared);
     let stats = Rc::try_unwrap(stats)
         .map_err(|_| "stats still shared at the end of the run".to_string())?;

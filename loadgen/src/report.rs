@@ -21,9 +21,17 @@ fn latency_json(h: &hdrhistogram::Histogram<u64>) -> serde_json::Value {
     serde_json::Value::Object(obj)
 }
 
-/// Builds the report from the stats of a run measured over `measured`.
-pub fn build(args: &Args, stats: &Stats, measured: Duration, extra_errors: u64) -> Report {
+/// Builds the report from the stats of a run: production measured over `measured`,
+/// consumption over `consume_window`.
+pub fn build(
+    args: &Args,
+    stats: &Stats,
+    measured: Duration,
+    consume_window: Duration,
+    extra_errors: u64,
+) -> Report {
     let secs = measured.as_secs_f64().max(1e-9);
+    let consume_secs = consume_window.as_secs_f64().max(1e-9);
     let errors = stats.errors.get() + extra_errors;
     let json = serde_json::json!({
         "config": args,
@@ -36,8 +44,8 @@ pub fn build(args: &Args, stats: &Stats, measured: Duration, extra_errors: u64) 
         },
         "consume": {
             "messages": stats.consumed.get(),
-            "msgs_per_sec": stats.consumed.get() as f64 / secs,
-            "mb_per_sec": stats.consumed_bytes.get() as f64 / 1e6 / secs,
+            "msgs_per_sec": stats.consumed.get() as f64 / consume_secs,
+            "mb_per_sec": stats.consumed_bytes.get() as f64 / 1e6 / consume_secs,
         },
         "e2e_latency_us": latency_json(&stats.e2e_latency.borrow()),
         "errors": errors,

@@ -318,7 +318,7 @@ impl Shard {
             }) => Ok(FetchedData {
                 high_watermark,
                 log_start_offset,
-                batches: Vec::new(),
+                batches: Bytes::new(),
                 out_of_range: true,
             }),
             other => other.map_err(storage_to_api),

@@ -130,9 +130,26 @@ pub struct FetchedData {
     /// Earliest stored offset.
     pub log_start_offset: u64,
     /// Whole stored batches, concatenated.
-    pub batches: Vec<u8>,
+    pub batches: Bytes,
     /// Set when the requested offset was outside `[log_start_offset, high_watermark]`.
     pub out_of_range: bool,
+}
+
+/// What a read of one segment found: the batches to serve, and where the walk stopped.
+struct SegmentRead {
+    batches: Bytes,
+    /// Offset of the batch after the served ones.
+    next_offset: u64,
+    /// Its position in the segment.
+    next_pos: u64,
+}
+
+/// Where the last disk read of a log stopped, and the bytes after it once read ahead.
+struct ReadAhead {
+    segment_base: u64,
+    next_offset: u64,
+    pos: u64,
+    data: Option<Bytes>,
 }
 
 /// Figures about a log, for stats and tests.
@@ -187,6 +204,8 @@ struct LogState {
     closed: bool,
     /// (segment base, durable end) of the last checkpoint written.
     checkpointed: (u64, u64),
+    /// Read-ahead for a reader catching up from disk.
+    read_ahead: Option<ReadAhead>,
     /// Traffic counters since start: records and bytes in (acknowledged) and out (fetched).
     messages_in: u64,
     bytes_in: u64,
@@ -271,6 +290,7 @@ impl PartitionLog {
                 failed,
                 closed: false,
                 checkpointed: (active_base, end),
+                read_ahead: None,
                 messages_in: 0,
                 bytes_in: 0,
                 messages_out: 0,
@@ -688,7 +708,7 @@ impl PartitionLog {
     /// Reads whole batches starting with the one that holds `offset`, about `max_bytes` of
     /// them (at least one). At the end of the log, waits up to `max_wait` for data.
     pub async fn fetch(
-        &self,
+        self: &Rc<Self>,
         offset: u64,
         max_bytes: usize,
         max_wait: Duration,
@@ -715,7 +735,7 @@ impl PartitionLog {
         let mut out = FetchedData {
             high_watermark: self.high_watermark(),
             log_start_offset: self.log_start_offset(),
-            batches: Vec::new(),
+            batches: Bytes::new(),
             out_of_range: false,
         };
         if offset >= out.high_watermark {
@@ -733,7 +753,7 @@ impl PartitionLog {
             )));
         }
         out.batches = match self.fetch_from_cache(offset, max_bytes) {
-            Some(bytes) => bytes,
+            Some(bytes) => Bytes::from(bytes),
             None => self.fetch_from_segments(offset, max_bytes).await?,
         };
         self.count_out(&out.batches);
@@ -784,12 +804,15 @@ impl PartitionLog {
     }
 
     /// Reads from the segment holding `offset`, moving to the next segment if that one has
-    /// nothing at or after it.
+    /// nothing at or after it. A read that continues where the previous disk read stopped
+    /// starts there (no index lookup) with the bytes read ahead meanwhile, and each disk read
+    /// starts the read-ahead of the next window, so that a reader catching up overlaps its
+    /// processing with the disk.
     async fn fetch_from_segments(
-        &self,
+        self: &Rc<Self>,
         offset: u64,
         max_bytes: usize,
-    ) -> Result<Vec<u8>, StorageError> {
+    ) -> Result<Bytes, StorageError> {
         let mut i = {
             let st = self.state.borrow();
             st.segments
@@ -805,26 +828,89 @@ impl PartitionLog {
                         s.entry_for(offset),
                         s.end,
                         s.path("log"),
+                        s.base_offset,
                     )
                 })
             };
-            let Some((file, (first_offset, pos), end, path)) = target else {
-                return Ok(Vec::new());
+            let Some((file, entry, end, path, base)) = target else {
+                return Ok(Bytes::new());
             };
-            let bytes = self
-                .read_segment(&file, &path, (first_offset, pos), end, offset, max_bytes)
+            // Continue where the last read stopped, unless the index knows a later start
+            // (after damaged bytes that recovery stepped over).
+            let (start, ahead) = match self.take_read_ahead(offset, base) {
+                Some((pos, data)) if entry.1 <= pos => ((offset, pos), data),
+                _ => (entry, None),
+            };
+            let read = self
+                .read_segment(&file, &path, start, end, offset, max_bytes, ahead)
                 .await?;
-            if !bytes.is_empty() {
-                return Ok(bytes);
+            if !read.batches.is_empty() {
+                self.start_read_ahead(file, base, read.next_offset, read.next_pos, max_bytes);
+                return Ok(read.batches);
             }
             i += 1;
         }
     }
 
+    /// The read-ahead left for a read of `offset` in segment `base`: (position, bytes).
+    fn take_read_ahead(&self, offset: u64, base: u64) -> Option<(u64, Option<Bytes>)> {
+        let mut st = self.state.borrow_mut();
+        let matches = st
+            .read_ahead
+            .as_ref()
+            .is_some_and(|ra| ra.next_offset == offset && ra.segment_base == base);
+        if !matches {
+            return None;
+        }
+        st.read_ahead.take().map(|ra| (ra.pos, ra.data))
+    }
+
+    /// Notes where a disk read stopped and reads the next `len` bytes of the segment ahead.
+    fn start_read_ahead(
+        self: &Rc<Self>,
+        file: Rc<DmaFile>,
+        base: u64,
+        next_offset: u64,
+        pos: u64,
+        len: usize,
+    ) {
+        self.state.borrow_mut().read_ahead = Some(ReadAhead {
+            segment_base: base,
+            next_offset,
+            pos,
+            data: None,
+        });
+        let log = Rc::clone(self);
+        glommio::spawn_local(async move {
+            let end = {
+                let st = log.state.borrow();
+                st.segments
+                    .iter()
+                    .find(|s| s.base_offset == base)
+                    .map_or(0, |s| s.end)
+            };
+            if pos >= end {
+                return;
+            }
+            let n = (len as u64).min(end - pos) as usize;
+            let Ok(bytes) = dma::read_range(&file, pos, n, log.config.max_io_bytes).await else {
+                return; // the reader will read (and report) it itself
+            };
+            let mut st = log.state.borrow_mut();
+            if let Some(ra) = st.read_ahead.as_mut() {
+                if ra.segment_base == base && ra.next_offset == next_offset && ra.pos == pos {
+                    ra.data = Some(Bytes::from(bytes));
+                }
+            }
+        })
+        .detach();
+    }
+
     /// Reads whole batches from `start` = (offset of the batch there, position), walking to
-    /// the one that holds `offset`. A batch is served only if its CRC matches and its base
-    /// offset (outside the CRC) continues the walk; others are damage, skipped before the
-    /// wanted offset and never served.
+    /// the one that holds `offset`; `ahead` holds bytes already read from `start` on. A batch
+    /// is served only if its CRC matches and its base offset (outside the CRC) continues the
+    /// walk; others are damage, skipped before the wanted offset and never served.
+    #[allow(clippy::too_many_arguments)]
     async fn read_segment(
         &self,
         file: &DmaFile,
@@ -833,12 +919,18 @@ impl PartitionLog {
         end: u64,
         offset: u64,
         max_bytes: usize,
-    ) -> Result<Vec<u8>, StorageError> {
+        mut ahead: Option<Bytes>,
+    ) -> Result<SegmentRead, StorageError> {
         let (mut next, mut pos) = start;
         let mut want = max_bytes.max(64 * 1024);
         while pos < end {
-            let len = (want as u64).min(end - pos) as usize;
-            let mut window = dma::read_range(file, pos, len, self.config.max_io_bytes).await?;
+            let window = match ahead.take() {
+                Some(w) if !w.is_empty() => w.slice(..w.len().min((end - pos) as usize)),
+                _ => {
+                    let len = (want as u64).min(end - pos) as usize;
+                    Bytes::from(dma::read_range(file, pos, len, self.config.max_io_bytes).await?)
+                }
+            };
             let mut at = 0usize;
             let mut first: Option<usize> = None;
             let mut need_more = None;
@@ -876,8 +968,8 @@ impl PartitionLog {
                     };
                     return Err(corrupt_read(path, abs, what));
                 }
-                next = last.saturating_add(1);
                 if last < offset {
+                    next = last.saturating_add(1);
                     at += blen;
                     continue;
                 }
@@ -886,17 +978,25 @@ impl PartitionLog {
                     Some(f) if at + blen - f > max_bytes => break,
                     Some(_) => {}
                 }
+                next = last.saturating_add(1);
                 at += blen;
             }
             if let Some(f) = first {
-                window.truncate(at);
-                window.drain(..f);
-                return Ok(window);
+                // A view of the whole batches in the window: no copy.
+                return Ok(SegmentRead {
+                    batches: window.slice(f..at),
+                    next_offset: next,
+                    next_pos: pos + at as u64,
+                });
             }
             pos += at as u64;
             want = need_more.unwrap_or(want).max(want);
         }
-        Ok(Vec::new())
+        Ok(SegmentRead {
+            batches: Bytes::new(),
+            next_offset: next,
+            next_pos: pos,
+        })
     }
 
     /// Writes the active segment's new index entries and a checkpoint of the durable point,
