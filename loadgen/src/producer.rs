@@ -63,6 +63,7 @@ fn build_batch(
     sent_ns: impl Fn(usize) -> u64,
 ) -> Vec<u8> {
     let key = cursor.id.to_le_bytes();
+    let timestamp_ms = corebus::broker::shard::now_ms();
     for i in 0..count {
         let seq = cursor.seq.get();
         cursor.seq.set(seq + 1);
@@ -75,7 +76,7 @@ fn build_batch(
             shared.args.message_size,
         );
         builder.push(&RecordWriter {
-            timestamp_ms: corebus::broker::shard::now_ms(),
+            timestamp_ms,
             key: Some(&key),
             value: scratch,
             ..RecordWriter::default()
