@@ -10,6 +10,7 @@ pub mod mesh;
 pub mod metadata;
 pub mod server;
 pub mod shard;
+pub mod subscriptions;
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -170,6 +171,7 @@ async fn run_shard(
     };
     let mesh_task = glommio::spawn_local(mesh::serve_mesh(Rc::clone(&shard), receivers));
     let maintenance = glommio::spawn_local(Rc::clone(&shard).run_maintenance());
+    let sweeper = glommio::spawn_local(Rc::clone(&shard).run_subscription_sweeper());
     let accepts: Vec<_> = listeners
         .into_iter()
         .map(|l| glommio::spawn_local(server::accept_loop(Rc::clone(&shard), l)))
@@ -180,6 +182,7 @@ async fn run_shard(
     }
     drop(accepts); // stop accepting
     drop(maintenance);
+    drop(sweeper);
     shard.close_logs().await;
     let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
     while shard.requests_in_flight() > 0 && std::time::Instant::now() < deadline {
