@@ -2,7 +2,9 @@
 
 mod consume;
 mod publish;
+mod receive;
 mod serve;
+mod subscription;
 mod topic;
 
 use std::process::ExitCode;
@@ -64,6 +66,23 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Print messages of a topic.
     Consume(consume::ConsumeArgs),
+    /// Create, list and delete subscriptions.
+    Subscription {
+        #[command(subcommand)]
+        command: subscription::SubscriptionCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Receive events of a subscription, each locked to this receiver.
+    Receive(receive::ReceiveArgs),
+    /// Acknowledge received events: they are never delivered again.
+    Ack(receive::SettleArgs),
+    /// Release received events: delivered again (after --delay).
+    Release(receive::ReleaseArgs),
+    /// Reject received events: they go to the dead-letter topic now.
+    Reject(receive::SettleArgs),
+    /// Extend the locks of received events by the lock duration.
+    Renew(receive::SettleArgs),
 }
 
 /// Runs the parsed command.
@@ -73,6 +92,17 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
         Command::Topic { command, client } => client_block_on(topic::run(command, client)),
         Command::Publish(args) => client_block_on(publish::run(args)),
         Command::Consume(args) => client_block_on(consume::run(args)),
+        Command::Subscription { command, client } => {
+            client_block_on(subscription::run(command, client))
+        }
+        Command::Receive(args) => client_block_on(receive::run_receive(args)),
+        Command::Ack(args) => client_block_on(receive::run_settle(receive::Verb::Ack, args)),
+        Command::Release(args) => client_block_on(receive::run_settle(
+            receive::Verb::Release(args.delay),
+            args.settle,
+        )),
+        Command::Reject(args) => client_block_on(receive::run_settle(receive::Verb::Reject, args)),
+        Command::Renew(args) => client_block_on(receive::run_settle(receive::Verb::Renew, args)),
     }
 }
 

@@ -1,13 +1,15 @@
 //! Event subscriptions: their definitions, filters, lock tokens and the per-partition delivery
 //! state (ack floor, locks, delivery counts, delays) with its durable record format.
 //!
-//! Owns the rules of delivery; knows nothing of shards, sockets or the wire protocol. The broker
+//! Owns the rules of delivery; knows nothing of shards or sockets, and meets the wire protocol
+//! only in [`wire`] (a definition's wire form). The broker
 //! (`broker::subscriptions`) runs these rules on the shard that owns each partition, and the
 //! bytes go to disk through `storage::StateLog`.
 
 pub mod filter;
 pub mod partition;
 pub mod state;
+pub mod wire;
 
 pub use filter::Filter;
 pub use partition::{Delivered, SubscriptionPartition};
