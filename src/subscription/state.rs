@@ -100,6 +100,9 @@ pub struct Entry {
     pub delivery_count: u32,
     /// Record time, for the TTL.
     pub timestamp_ms: i64,
+    /// The nonce of the last delivery while its lock was not released (0 otherwise): tells a
+    /// token whose lock expired from one that never held it.
+    pub last_nonce: u64,
     /// Where it stands.
     pub state: EntryState,
 }
@@ -384,6 +387,7 @@ impl SubState {
                         Entry {
                             delivery_count,
                             timestamp_ms,
+                            last_nonce: nonce,
                             state: EntryState::Locked { nonce, until_ms },
                         },
                     );
@@ -399,6 +403,7 @@ impl SubState {
                         Entry {
                             delivery_count,
                             timestamp_ms,
+                            last_nonce: 0,
                             state: EntryState::Available { not_before_ms },
                         },
                     );
@@ -593,6 +598,7 @@ impl SubState {
         let nonce = nonces.next();
         let until_ms = now_ms + i64::from(config.lock_duration_ms);
         entry.delivery_count += 1;
+        entry.last_nonce = nonce;
         entry.state = EntryState::Locked { nonce, until_ms };
         self.timers.insert((until_ms, offset));
         let lease = Lease {
@@ -668,6 +674,7 @@ impl SubState {
         let mut entry = Entry {
             delivery_count: 0,
             timestamp_ms,
+            last_nonce: 0,
             state: EntryState::Available { not_before_ms: 0 },
         };
         if config.expired(timestamp_ms, now_ms) {
@@ -692,6 +699,7 @@ impl SubState {
             EntryState::Locked { nonce: n, .. } if n != nonce => Err(LockError::OtherDelivery),
             EntryState::Locked { until_ms, .. } if until_ms <= now_ms => Err(LockError::Expired),
             EntryState::Locked { .. } => Ok(entry),
+            EntryState::Available { .. } if entry.last_nonce == nonce => Err(LockError::Expired),
             _ => Err(LockError::NotLocked),
         }
     }
@@ -714,6 +722,7 @@ impl SubState {
     ) -> Result<Op, LockError> {
         let entry = self.locked(offset, nonce, now_ms)?;
         let not_before_ms = now_ms + i64::from(delay_ms);
+        entry.last_nonce = 0;
         entry.state = EntryState::Available { not_before_ms };
         let op = Op::Available {
             offset,
@@ -861,7 +870,7 @@ mod tests {
         assert!(!s.has_ready());
         assert!(s.tick(1_000, &cfg).is_empty());
         assert!(s.has_ready());
-        assert_eq!(s.ack(0, first.nonce, 1_000), Err(LockError::NotLocked));
+        assert_eq!(s.ack(0, first.nonce, 1_000), Err(LockError::Expired));
         let (leases, _) = s.take_ready(10, 1_000, &cfg, &mut nonces);
         assert_eq!(leases.len(), 1);
         let second = leases[0].0;
@@ -906,7 +915,8 @@ mod tests {
         // An ack after expiry is refused, whether or not the expiry was applied yet.
         assert_eq!(s.ack(13, leases[3].nonce, 1_000), Err(LockError::Expired));
         s.tick(1_500, &cfg);
-        assert_eq!(s.ack(13, leases[3].nonce, 1_500), Err(LockError::NotLocked));
+        assert_eq!(s.ack(13, leases[3].nonce, 1_500), Err(LockError::Expired));
+        assert_eq!(s.ack(11, leases[1].nonce, 1_500), Err(LockError::NotLocked));
         assert!(s.ack(12, leases[2].nonce, 1_500).is_ok());
         s.tick(2_499, &cfg);
         let (ready, _) = s.take_ready(10, 2_499, &cfg, &mut nonces);
