@@ -688,6 +688,13 @@ impl PartitionLog {
         Ok(out)
     }
 
+    /// The first and last offset of the range recovery found corrupt around `offset`, if
+    /// any: readers that must move on (subscriptions) skip past it.
+    pub fn corrupt_range_around(&self, offset: u64) -> Option<(u64, u64)> {
+        self.corrupt_range_of(offset)
+            .map(|r| (r.first_offset, r.last_offset))
+    }
+
     fn corrupt_range_of(&self, offset: u64) -> Option<CorruptRange> {
         let st = self.state.borrow();
         st.corrupt

@@ -418,6 +418,18 @@ impl SubscriptionPartition {
                     self.state.borrow_mut().skip_to(log_start_offset);
                     continue;
                 }
+                Err(StorageError::Corrupt(why)) => match self.log.corrupt_range_around(from) {
+                    // Known-corrupt offsets can never be delivered: move past them.
+                    Some((_, last)) => {
+                        eprintln!(
+                            "corebus: {}/{} subscription {}: skipping unreadable offsets {from}..={last}: {why}",
+                            self.topic, self.partition, self.name
+                        );
+                        self.state.borrow_mut().skip_to(last + 1);
+                        continue;
+                    }
+                    None => return Err(StorageError::Corrupt(why)),
+                },
                 Err(e) => return Err(e),
             };
             if data.batches.is_empty() {
