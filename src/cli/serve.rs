@@ -58,6 +58,15 @@ pub struct ServeArgs {
     /// How often each log checkpoints its durable point and index.
     #[arg(long, default_value = "1s", value_parser = super::parse_millis)]
     checkpoint_interval: u64,
+    /// How often each shard applies expired locks and release delays and sends dead letters.
+    #[arg(long, default_value = "50ms", value_parser = super::parse_millis)]
+    subscription_sweep_interval: u64,
+    /// Most subscriptions one topic may have.
+    #[arg(long, default_value_t = 100)]
+    max_subscriptions_per_topic: usize,
+    /// A subscription locks no new events of a partition while this many are unsettled there.
+    #[arg(long, default_value_t = 100_000)]
+    max_unsettled_per_partition: usize,
 }
 
 /// Runs the broker until SIGTERM or SIGINT.
@@ -84,6 +93,9 @@ pub fn run(args: ServeArgs) -> Result<ExitCode, String> {
     config.retention_bytes = args.retention_bytes;
     config.retention_check_ms = args.retention_check_interval;
     config.checkpoint_interval_ms = args.checkpoint_interval;
+    config.subscription_sweep_ms = args.subscription_sweep_interval;
+    config.max_subscriptions_per_topic = args.max_subscriptions_per_topic;
+    config.max_unsettled_per_partition = args.max_unsettled_per_partition.max(1);
     broker::run(config)?;
     Ok(ExitCode::SUCCESS)
 }
