@@ -6,8 +6,13 @@
 //!
 //! Layout: records, each `u32 len, u32 crc32c(payload), payload` (little-endian). Reading
 //! stops at the first record that is incomplete or fails its CRC: that is a torn tail (the
-//! write was never acknowledged), cut at open. Writes use plain `std::fs` on glommio's blocking
-//! thread pool: these files are small and written in small pieces, where O_DIRECT buys nothing.
+//! write was never acknowledged), cut at open.
+//!
+//! I/O: appends and their `fdatasync` go through io_uring (glommio's buffered files: these
+//! files are small and written in small pieces, where O_DIRECT buys nothing), so the syncs of
+//! many state logs on a shard overlap and no thread hop sits on the receive and ack paths.
+//! Opening, creating and compacting (rare) use `std::fs` on glommio's blocking thread pool,
+//! whose one thread per shard would otherwise serialize every sync of the shard.
 //!
 //! Group commit: [`StateLog::append`] queues a record and returns its sequence number; one flush
 //! task per file writes everything queued and (in `sync` mode) `fdatasync`s it, then wakes every
@@ -24,6 +29,7 @@ use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 
 use futures::channel::oneshot;
+use glommio::io::BufferedFile;
 
 use super::{Durability, StorageError};
 
@@ -74,8 +80,8 @@ pub fn parse(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
 }
 
 struct Inner {
-    /// The open file; taken by the flush task while it writes on the blocking pool.
-    file: Option<File>,
+    /// The open file (absent while compaction replaces it).
+    file: Option<Rc<BufferedFile>>,
     /// Framed records not yet handed to a write.
     pending: Vec<u8>,
     /// Sequence number of the last record appended.
@@ -108,20 +114,29 @@ fn io_err(context: String) -> impl FnOnce(std::io::Error) -> StorageError {
 }
 
 /// Replaces `path` with `bytes` atomically and durably (blocking): temporary file, fsync,
-/// rename, fsync of the directory. Returns the file opened for appending.
-fn write_atomic(path: &Path, bytes: &[u8]) -> Result<File, StorageError> {
+/// rename, fsync of the directory.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
     let tmp = path.with_extension("tmp");
     let dir = path.parent().unwrap_or(Path::new("."));
     let context = format!("writing {}", path.display());
-    let run = || -> std::io::Result<File> {
+    let run = || -> std::io::Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()?;
-        OpenOptions::new().append(true).open(path)
+        File::open(dir)?.sync_all()
     };
     run().map_err(io_err(context))
+}
+
+/// Opens `path` for io_uring writes.
+async fn open_for_append(path: &Path) -> Result<Rc<BufferedFile>, StorageError> {
+    glommio::io::OpenOptions::new()
+        .write(true)
+        .buffered_open(path)
+        .await
+        .map(Rc::new)
+        .map_err(|e| StorageError::glommio(format!("opening {}", path.display()), e))
 }
 
 impl StateLog {
@@ -137,7 +152,7 @@ impl StateLog {
         }
         let owned = path.to_path_buf();
         let len = bytes.len() as u64;
-        let file = glommio::executor()
+        glommio::executor()
             .spawn_blocking(move || {
                 if let Some(dir) = owned.parent() {
                     std::fs::create_dir_all(dir)
@@ -146,6 +161,7 @@ impl StateLog {
                 write_atomic(&owned, &bytes)
             })
             .await?;
+        let file = open_for_append(path).await?;
         Ok(Self::with_file(path, file, len, durability))
     }
 
@@ -158,9 +174,9 @@ impl StateLog {
         let owned = path.to_path_buf();
         let loaded = glommio::executor()
             .spawn_blocking(
-                move || -> Result<Option<(File, Vec<Vec<u8>>, u64)>, StorageError> {
+                move || -> Result<Option<(Vec<Vec<u8>>, u64)>, StorageError> {
                     let context = format!("reading {}", owned.display());
-                    let mut file = match OpenOptions::new().read(true).append(true).open(&owned) {
+                    let mut file = match OpenOptions::new().read(true).write(true).open(&owned) {
                         Ok(f) => f,
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                         Err(e) => return Err(StorageError::io(context, &e)),
@@ -181,19 +197,26 @@ impl StateLog {
                             .map_err(io_err(context.clone()))?;
                         file.sync_all().map_err(io_err(context))?;
                     }
-                    Ok(Some((file, records, valid as u64)))
+                    Ok(Some((records, valid as u64)))
                 },
             )
             .await?;
-        Ok(loaded.map(|(file, records, len)| {
-            let log = Self::with_file(path, file, len, durability);
-            // Unknown history: compact at the next flush if the file is already large.
-            log.inner.borrow_mut().snapshot_bytes = 0;
-            (log, records)
-        }))
+        let Some((records, len)) = loaded else {
+            return Ok(None);
+        };
+        let file = open_for_append(path).await?;
+        let log = Self::with_file(path, file, len, durability);
+        // Unknown history: compact at the next flush if the file is already large.
+        log.inner.borrow_mut().snapshot_bytes = 0;
+        Ok(Some((log, records)))
     }
 
-    fn with_file(path: &Path, file: File, len: u64, durability: Durability) -> Rc<Self> {
+    fn with_file(
+        path: &Path,
+        file: Rc<BufferedFile>,
+        len: u64,
+        durability: Durability,
+    ) -> Rc<Self> {
         Rc::new(Self {
             path: path.to_path_buf(),
             durability,
@@ -313,36 +336,56 @@ impl StateLog {
                         return;
                     }
                 } else {
-                    let Some(file) = inner.file.take() else {
+                    let Some(file) = inner.file.clone() else {
                         inner.flushing = false;
                         return;
                     };
                     let bytes = std::mem::take(&mut inner.pending);
-                    Some((file, bytes, inner.appended_seq))
+                    Some((file, bytes, inner.size_bytes, inner.appended_seq))
                 }
             };
             match job {
-                Some((file, bytes, seq)) => self.write(file, bytes, seq).await,
+                Some((file, bytes, at, seq)) => self.write(&file, bytes, at, seq).await,
                 None => self.compact().await,
             }
         }
     }
 
-    async fn write(&self, mut file: File, bytes: Vec<u8>, seq: u64) {
-        let sync = self.durability == Durability::Sync;
-        let context = format!("appending to {}", self.path.display());
+    /// Writes `bytes` at `at` (the end of the file) and, in `sync` mode, syncs.
+    async fn write_and_sync(
+        &self,
+        file: &BufferedFile,
+        mut bytes: Vec<u8>,
+        mut at: u64,
+    ) -> Result<(), StorageError> {
+        let context = || format!("appending to {}", self.path.display());
+        while !bytes.is_empty() {
+            let n = file
+                .write_at(bytes.clone(), at)
+                .await
+                .map_err(|e| StorageError::glommio(context(), e))?;
+            if n == 0 {
+                return Err(StorageError::Io {
+                    context: context(),
+                    errno: Some(libc::ENOSPC),
+                    message: "short write".into(),
+                });
+            }
+            bytes.drain(..n);
+            at += n as u64;
+        }
+        if self.durability == Durability::Sync {
+            file.fdatasync().await.map_err(|e| {
+                StorageError::glommio(format!("syncing {}", self.path.display()), e)
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn write(&self, file: &BufferedFile, bytes: Vec<u8>, at: u64, seq: u64) {
         let len = bytes.len() as u64;
-        let (file, result) = glommio::executor()
-            .spawn_blocking(move || {
-                let mut result = file.write_all(&bytes);
-                if result.is_ok() && sync {
-                    result = file.sync_data();
-                }
-                (file, result)
-            })
-            .await;
+        let result = self.write_and_sync(file, bytes, at).await;
         let mut inner = self.inner.borrow_mut();
-        inner.file = Some(file);
         match result {
             Ok(()) => {
                 inner.size_bytes += len;
@@ -353,10 +396,9 @@ impl StateLog {
                     }
                 }
             }
-            Err(e) => {
+            Err(error) => {
                 // As with the partition logs: a failed write or sync is never retried (the
                 // kernel may have dropped the dirty pages), the state turns read-only.
-                let error = StorageError::io(context, &e);
                 eprintln!("corebus: FATAL: {error}; this state is read-only until restart");
                 inner.failed = Some(error.to_string());
                 for (_, tx) in inner.waiters.drain(..) {
@@ -380,19 +422,20 @@ impl StateLog {
         }
         drop(source);
         let old = self.inner.borrow_mut().file.take();
+        drop(old);
         let path = self.path.clone();
         let len = bytes.len() as u64;
-        let result = glommio::executor()
-            .spawn_blocking(move || {
-                let file = write_atomic(&path, &bytes);
-                drop(old);
-                file
-            })
-            .await;
+        let mut result = glommio::executor()
+            .spawn_blocking(move || write_atomic(&path, &bytes))
+            .await
+            .map(|()| None);
+        if result.is_ok() {
+            result = open_for_append(&self.path).await.map(Some);
+        }
         let mut inner = self.inner.borrow_mut();
         match result {
             Ok(file) => {
-                inner.file = Some(file);
+                inner.file = file;
                 inner.size_bytes = len;
                 inner.snapshot_bytes = len;
             }
