@@ -651,7 +651,12 @@ impl PartitionLog {
         }
         if offset == hw && !max_wait.is_zero() {
             let (tx, rx) = oneshot::channel();
-            self.state.borrow_mut().data_waiters.push(tx);
+            let mut st = self.state.borrow_mut();
+            // Readers whose long poll timed out left their senders here; without this an idle
+            // partition polled by readers would collect them forever.
+            st.data_waiters.retain(|w| !w.is_canceled());
+            st.data_waiters.push(tx);
+            drop(st);
             futures_lite::future::or(
                 async {
                     let _ = rx.await;

@@ -278,7 +278,9 @@ impl SubscriptionPartition {
     /// subscription closes.
     pub fn waiter(&self) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        self.waiters.borrow_mut().push(tx);
+        let mut waiters = self.waiters.borrow_mut();
+        waiters.retain(|w| !w.is_canceled()); // receivers that gave up
+        waiters.push(tx);
         rx
     }
 
