@@ -453,6 +453,87 @@ impl StateLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cell::RefCell;
+    use std::collections::BTreeMap;
+
+    /// A key → value map kept in a state log; a record is `key, value, padding`.
+    struct Map {
+        entries: RefCell<BTreeMap<u32, u32>>,
+    }
+
+    impl SnapshotSource for Map {
+        fn snapshot(&self) -> Vec<Vec<u8>> {
+            self.entries
+                .borrow()
+                .iter()
+                .map(|(&k, &v)| record(k, v))
+                .collect()
+        }
+    }
+
+    fn record(k: u32, v: u32) -> Vec<u8> {
+        let mut r = k.to_le_bytes().to_vec();
+        r.extend_from_slice(&v.to_le_bytes());
+        r.extend_from_slice(&[0u8; 32]);
+        r
+    }
+
+    fn replay(records: &[Vec<u8>]) -> BTreeMap<u32, u32> {
+        records
+            .iter()
+            .map(|r| {
+                let k = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+                let v = u32::from_le_bytes([r[4], r[5], r[6], r[7]]);
+                (k, v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn compaction_keeps_the_state_and_bounds_the_file() {
+        let dir = std::env::temp_dir().join(format!("corebus-state-log-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let path = dir.join("map.state");
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .expect("executor");
+        let (expected, size, reopened) = ex.run(async move {
+            let log = StateLog::create(&path, Vec::new(), Durability::Write)
+                .await
+                .expect("create");
+            let map = Rc::new(Map {
+                entries: RefCell::new(BTreeMap::new()),
+            });
+            let weak: Weak<dyn SnapshotSource> =
+                Rc::downgrade(&(Rc::clone(&map) as Rc<dyn SnapshotSource>));
+            log.set_snapshot_source(weak);
+            // 60,000 records of 48 framed bytes over 100 keys: 2.9 MB appended.
+            let mut seq = 0;
+            for i in 0..60_000u32 {
+                map.entries.borrow_mut().insert(i % 100, i);
+                seq = log.append(&record(i % 100, i));
+                if i % 1000 == 999 {
+                    log.durable(seq).await.expect("durable");
+                }
+            }
+            log.durable(seq).await.expect("durable");
+            // One more flush lets a due compaction run.
+            let seq = log.append(&record(0, 59_999 + 100));
+            map.entries.borrow_mut().insert(0, 59_999 + 100);
+            log.durable(seq).await.expect("durable");
+            let size = log.size_bytes();
+            let expected = map.entries.borrow().clone();
+            drop(log);
+            let (_, records) = StateLog::open(&path, Durability::Write)
+                .await
+                .expect("open")
+                .expect("exists");
+            (expected, size, replay(&records))
+        });
+        assert!(size < COMPACT_MIN_BYTES * 2, "compacted: {size} bytes");
+        assert_eq!(reopened, expected);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn parse_stops_at_a_torn_or_damaged_record() {
