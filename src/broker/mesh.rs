@@ -22,6 +22,9 @@ use crate::subscription::{Delivered, LockToken, SubscriptionConfig};
 /// records appended, or why nothing was appended.
 pub type PartitionOutcome = (u32, Result<(u64, u64), ApiError>);
 
+/// Per-partition committed offsets (`None`: nothing committed), or why not readable.
+pub type OffsetsOutcome = Vec<(u32, Result<Option<u64>, ApiError>)>;
+
 /// A change to the topic list.
 #[derive(Clone, Debug)]
 pub enum TopicChange {
@@ -167,7 +170,7 @@ pub enum ShardMessage {
         /// Partitions.
         partitions: Vec<u32>,
         /// Per-partition committed offset (`None`: nothing committed).
-        reply: oneshot::Sender<Vec<(u32, Result<Option<u64>, ApiError>)>>,
+        reply: oneshot::Sender<OffsetsOutcome>,
     },
 }
 

@@ -715,8 +715,8 @@ impl Shard {
     ) -> Vec<(usize, SettleOutcome)> {
         let mut results = Vec::with_capacity(tokens.len());
         let mut recorded: Vec<(usize, Rc<SubscriptionPartition>, u64, Option<i64>)> = Vec::new();
-        let mut rejected: BTreeMap<u32, (Rc<SubscriptionPartition>, Vec<(usize, DeadLetter)>)> =
-            BTreeMap::new();
+        type Rejected = (Rc<SubscriptionPartition>, Vec<(usize, DeadLetter)>);
+        let mut rejected: BTreeMap<u32, Rejected> = BTreeMap::new();
         for (i, token) in tokens {
             let Some(sp) = self.sub_partition(topic, name, token.partition) else {
                 results.push((i, Err(unknown_subscription(topic, name))));

@@ -90,7 +90,7 @@ const MAX_ATTRIBUTE_BYTES: usize = u16::MAX as usize;
 
 /// A random (version 4) UUID: the CloudEvents `id` of a published message.
 fn new_id(random: &mut Nonces) -> String {
-    let (a, b) = (random.next(), random.next());
+    let (a, b) = (random.next_u64(), random.next_u64());
     let a = (a & !0xf000) | 0x4000; // version 4
     let b = (b & !(0xc << 60)) | (0x8 << 60); // RFC 4122 variant
     format!(

@@ -651,12 +651,13 @@ impl PartitionLog {
         }
         if offset == hw && !max_wait.is_zero() {
             let (tx, rx) = oneshot::channel();
-            let mut st = self.state.borrow_mut();
-            // Readers whose long poll timed out left their senders here; without this an idle
-            // partition polled by readers would collect them forever.
-            st.data_waiters.retain(|w| !w.is_canceled());
-            st.data_waiters.push(tx);
-            drop(st);
+            {
+                let mut st = self.state.borrow_mut();
+                // Readers whose long poll timed out left their senders here; without this an
+                // idle partition polled by readers would collect them forever.
+                st.data_waiters.retain(|w| !w.is_canceled());
+                st.data_waiters.push(tx);
+            }
             futures_lite::future::or(
                 async {
                     let _ = rx.await;

@@ -79,6 +79,9 @@ pub fn parse(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
     (records, at)
 }
 
+/// The valid records of a file and its valid length.
+type Loaded = (Vec<Vec<u8>>, u64);
+
 struct Inner {
     /// The open file (absent while compaction replaces it).
     file: Option<Rc<BufferedFile>>,
@@ -173,33 +176,31 @@ impl StateLog {
     ) -> Result<Option<(Rc<Self>, Vec<Vec<u8>>)>, StorageError> {
         let owned = path.to_path_buf();
         let loaded = glommio::executor()
-            .spawn_blocking(
-                move || -> Result<Option<(Vec<Vec<u8>>, u64)>, StorageError> {
-                    let context = format!("reading {}", owned.display());
-                    let mut file = match OpenOptions::new().read(true).write(true).open(&owned) {
-                        Ok(f) => f,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-                        Err(e) => return Err(StorageError::io(context, &e)),
-                    };
-                    let mut bytes = Vec::new();
-                    file.read_to_end(&mut bytes)
+            .spawn_blocking(move || -> Result<Option<Loaded>, StorageError> {
+                let context = format!("reading {}", owned.display());
+                let mut file = match OpenOptions::new().read(true).write(true).open(&owned) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(StorageError::io(context, &e)),
+                };
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes)
+                    .map_err(io_err(context.clone()))?;
+                let (records, valid) = parse(&bytes);
+                let records: Vec<Vec<u8>> = records.into_iter().map(<[u8]>::to_vec).collect();
+                if valid < bytes.len() {
+                    eprintln!(
+                        "corebus: {}: cutting a torn tail of {} bytes after {} records",
+                        owned.display(),
+                        bytes.len() - valid,
+                        records.len()
+                    );
+                    file.set_len(valid as u64)
                         .map_err(io_err(context.clone()))?;
-                    let (records, valid) = parse(&bytes);
-                    let records: Vec<Vec<u8>> = records.into_iter().map(<[u8]>::to_vec).collect();
-                    if valid < bytes.len() {
-                        eprintln!(
-                            "corebus: {}: cutting a torn tail of {} bytes after {} records",
-                            owned.display(),
-                            bytes.len() - valid,
-                            records.len()
-                        );
-                        file.set_len(valid as u64)
-                            .map_err(io_err(context.clone()))?;
-                        file.sync_all().map_err(io_err(context))?;
-                    }
-                    Ok(Some((records, valid as u64)))
-                },
-            )
+                    file.sync_all().map_err(io_err(context))?;
+                }
+                Ok(Some((records, valid as u64)))
+            })
             .await?;
         let Some((records, len)) = loaded else {
             return Ok(None);

@@ -194,7 +194,7 @@ impl Nonces {
     }
 
     /// The next nonce (never 0).
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         let mut x = self.state;
         x ^= x >> 12;
         x ^= x << 25;
@@ -238,8 +238,8 @@ mod tests {
     #[test]
     fn nonces_differ() {
         let mut n = Nonces::new(1);
-        let a = n.next();
-        let b = n.next();
+        let a = n.next_u64();
+        let b = n.next_u64();
         assert_ne!(a, b);
         assert_ne!(a, 0);
     }

@@ -595,7 +595,7 @@ impl SubState {
         nonces: &mut Nonces,
     ) -> Option<(Lease, Op)> {
         let entry = self.entries.get_mut(&offset)?;
-        let nonce = nonces.next();
+        let nonce = nonces.next_u64();
         let until_ms = now_ms + i64::from(config.lock_duration_ms);
         entry.delivery_count += 1;
         entry.last_nonce = nonce;
