@@ -6,13 +6,17 @@
 //! - [`storage`]: partition logs on direct-I/O files with group commit and recovery.
 //! - [`broker`]: shards, the shard mesh, the network front and request handlers.
 //! - [`client`]: the shard-aware Rust client used by the CLI and the load generator.
+//! - [`subscription`]: event subscriptions: filters, locks, delivery state.
+//! - [`groups`]: consumer-group offsets of a partition.
 
 #![warn(missing_docs)]
 
 pub mod broker;
 pub mod client;
+pub mod groups;
 pub mod metrics;
 pub mod protocol;
 pub mod record;
 pub mod runtime;
 pub mod storage;
+pub mod subscription;

@@ -4,10 +4,8 @@ use std::time::Duration;
 
 use corebus::storage::Durability;
 
-/// corebus-loadgen: load a corebus broker and report throughput and latency percentiles.
-/// With no arguments it runs a short benchmark against an embedded broker.
-#[derive(clap::Parser, Debug, Clone, serde::Serialize)]
-#[command(name = "corebus-loadgen", version, about)]
+/// Options of a produce/consume run.
+#[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct Args {
     /// Broker to load; without it an embedded broker is started.
     #[arg(long, conflicts_with = "embedded")]

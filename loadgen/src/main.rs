@@ -13,6 +13,7 @@ mod payload;
 mod producer;
 mod report;
 mod stats;
+mod subscribe;
 
 use std::cell::{Cell, RefCell};
 use std::process::ExitCode;
@@ -25,8 +26,41 @@ use corebus::protocol::wire::ErrorCode;
 use args::Args;
 use stats::{Clock, Stats};
 
+/// corebus-loadgen: load a corebus broker and report throughput and latency percentiles.
+/// With no arguments it runs a short benchmark against an embedded broker.
+#[derive(Parser, Debug)]
+#[command(
+    name = "corebus-loadgen",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Option<Mode>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Mode {
+    /// Publish events, then receive and ack them through a subscription with concurrent
+    /// receivers: events/s received and acked, receive→ack latency.
+    Subscribe(subscribe::SubscribeArgs),
+}
+
 fn main() -> ExitCode {
-    let mut args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Mode::Subscribe(sub)) = cli.mode {
+        return match subscribe::run(sub) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("corebus-loadgen: error: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let mut args = cli.args;
     match run(&mut args) {
         Ok(code) => code,
         Err(e) => {

@@ -77,6 +77,19 @@ pub struct BrokerConfig {
     pub retention_check_ms: u64,
     /// How often each log's durable point and index are checkpointed.
     pub checkpoint_interval_ms: u64,
+    /// Most subscriptions one topic may have.
+    pub max_subscriptions_per_topic: usize,
+    /// Most events one receive returns.
+    pub max_receive_events: u32,
+    /// About the most record bytes one receive returns (at least one event).
+    pub max_receive_bytes: usize,
+    /// Most lock tokens one ack, release, reject or renew may carry.
+    pub max_settle_tokens: usize,
+    /// A subscription stops locking new events of a partition while this many are unsettled
+    /// there (bounds its memory).
+    pub max_unsettled_per_partition: usize,
+    /// How often each shard looks for expired locks, ended delays and dead letters.
+    pub subscription_sweep_ms: u64,
 }
 
 impl BrokerConfig {
@@ -115,6 +128,12 @@ impl BrokerConfig {
             retention_ms: None,
             retention_check_ms: 5_000,
             checkpoint_interval_ms: 1_000,
+            max_subscriptions_per_topic: 100,
+            max_receive_events: 1_000,
+            max_receive_bytes: 4 << 20,
+            max_settle_tokens: 10_000,
+            max_unsettled_per_partition: 100_000,
+            subscription_sweep_ms: 50,
         }
     }
 

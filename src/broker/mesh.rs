@@ -12,12 +12,18 @@ use glommio::channels::channel_mesh::Receivers;
 
 use super::metadata::TopicConfig;
 use super::shard::Shard;
+use super::subscriptions::{SettleOutcome, SubscriptionFigures};
 use crate::protocol::message::ApiError;
 use crate::storage::FetchedData;
+use crate::subscription::partition::SettleAction;
+use crate::subscription::{Delivered, LockToken, SubscriptionConfig};
 
 /// The result of producing to one partition: its id and the offsets of the first and last
 /// records appended, or why nothing was appended.
 pub type PartitionOutcome = (u32, Result<(u64, u64), ApiError>);
+
+/// Per-partition committed offsets (`None`: nothing committed), or why not readable.
+pub type OffsetsOutcome = Vec<(u32, Result<Option<u64>, ApiError>)>;
 
 /// A change to the topic list.
 #[derive(Clone, Debug)]
@@ -29,9 +35,25 @@ pub enum TopicChange {
         /// Its settings.
         config: TopicConfig,
     },
-    /// A topic was deleted, with its data.
+    /// A topic was deleted, with its data and subscriptions.
     Deleted {
         /// Topic name.
+        name: String,
+    },
+    /// A subscription was created on a topic.
+    SubscriptionCreated {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        name: String,
+        /// Its definition.
+        config: SubscriptionConfig,
+    },
+    /// A subscription was deleted, with its state.
+    SubscriptionDeleted {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
         name: String,
     },
 }
@@ -86,6 +108,80 @@ pub enum ShardMessage {
         /// Its outcome on this shard.
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// Lock up to `max_events` events of a subscription on partitions the receiver owns,
+    /// without waiting.
+    Receive {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+        /// Partitions to look at, each owned by the receiver.
+        partitions: Vec<u32>,
+        /// Most events to lock.
+        max_events: usize,
+        /// About the most record bytes to return.
+        max_bytes: usize,
+        /// The locked events, durable.
+        reply: oneshot::Sender<Result<Vec<Delivered>, ApiError>>,
+    },
+    /// Wait until one of the partitions has an event to deliver (true) or `wait_ms` passes
+    /// (false). Ends early when the asker hangs up.
+    WaitDeliverable {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+        /// Partitions to watch, each owned by the receiver.
+        partitions: Vec<u32>,
+        /// Longest wait.
+        wait_ms: u64,
+        /// The answer.
+        reply: oneshot::Sender<bool>,
+    },
+    /// Ack, release, reject or renew events of partitions the receiver owns.
+    Settle {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+        /// What to do.
+        action: SettleAction,
+        /// (position in the request, token).
+        tokens: Vec<(usize, LockToken)>,
+        /// One outcome per token.
+        reply: oneshot::Sender<Vec<(usize, SettleOutcome)>>,
+    },
+    /// The figures of a subscription over the partitions the receiver owns.
+    SubscriptionStats {
+        /// Topic name.
+        topic: String,
+        /// Subscription name.
+        subscription: String,
+        /// The sums.
+        reply: oneshot::Sender<SubscriptionFigures>,
+    },
+    /// Commit consumer-group offsets of partitions the receiver owns.
+    CommitOffsets {
+        /// Consumer group.
+        group: String,
+        /// Topic name.
+        topic: String,
+        /// (partition, next offset).
+        offsets: Vec<(u32, u64)>,
+        /// Per-partition outcome.
+        reply: oneshot::Sender<Vec<(u32, Result<(), ApiError>)>>,
+    },
+    /// Read consumer-group offsets of partitions the receiver owns.
+    FetchOffsets {
+        /// Consumer group.
+        group: String,
+        /// Topic name.
+        topic: String,
+        /// Partitions.
+        partitions: Vec<u32>,
+        /// Per-partition committed offset (`None`: nothing committed).
+        reply: oneshot::Sender<OffsetsOutcome>,
+    },
 }
 
 /// Serves messages from every other shard until they all hang up. Each message runs as its
@@ -137,6 +233,80 @@ async fn handle(shard: &Shard, msg: ShardMessage) {
         }
         ShardMessage::ApplyTopic { change, reply } => {
             let _ = reply.send(shard.apply_topic_change(change).await);
+        }
+        ShardMessage::Receive {
+            topic,
+            subscription,
+            partitions,
+            max_events,
+            max_bytes,
+            reply,
+        } => {
+            let result = shard
+                .receive_local(&topic, &subscription, &partitions, max_events, max_bytes)
+                .await;
+            let _ = reply.send(result);
+        }
+        ShardMessage::WaitDeliverable {
+            topic,
+            subscription,
+            partitions,
+            wait_ms,
+            mut reply,
+        } => {
+            let outcome = {
+                let cancelled = reply.cancellation();
+                let wait = shard.wait_local(
+                    &topic,
+                    &subscription,
+                    &partitions,
+                    std::time::Duration::from_millis(wait_ms),
+                );
+                futures_lite::future::or(async { Some(wait.await) }, async {
+                    cancelled.await;
+                    None
+                })
+                .await
+            };
+            if let Some(ready) = outcome {
+                let _ = reply.send(ready);
+            }
+        }
+        ShardMessage::Settle {
+            topic,
+            subscription,
+            action,
+            tokens,
+            reply,
+        } => {
+            let _ = reply.send(
+                shard
+                    .settle_local(&topic, &subscription, action, tokens)
+                    .await,
+            );
+        }
+        ShardMessage::SubscriptionStats {
+            topic,
+            subscription,
+            reply,
+        } => {
+            let _ = reply.send(shard.stats_local(&topic, &subscription));
+        }
+        ShardMessage::CommitOffsets {
+            group,
+            topic,
+            offsets,
+            reply,
+        } => {
+            let _ = reply.send(shard.commit_offsets_local(&group, &topic, offsets).await);
+        }
+        ShardMessage::FetchOffsets {
+            group,
+            topic,
+            partitions,
+            reply,
+        } => {
+            let _ = reply.send(shard.fetch_offsets_local(&group, &topic, partitions).await);
         }
     }
 }

@@ -1,6 +1,7 @@
-//! Topic metadata: the list of topics and their partition counts, and where it is kept.
+//! Topic metadata: the list of topics and their partition counts, the subscriptions defined on
+//! them, and where it is kept.
 //!
-//! Shard 0 is the only writer; it saves the whole list atomically (write a temporary file,
+//! Shard 0 is the only writer; it saves the whole catalog atomically (write a temporary file,
 //! fsync, rename, fsync the directory) and then tells every shard by message. Every shard
 //! reads the saved list once at start. The store is one small interface so that it can move
 //! to a consensus service (etcd) when corebus spans machines.
@@ -8,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use crate::subscription::{Filter, StartPosition, SubscriptionConfig};
 
 /// A topic's settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +36,78 @@ impl TopicConfig {
 
 /// Topic name → settings.
 pub type TopicMap = BTreeMap<String, TopicConfig>;
+
+/// (topic, subscription name) → definition.
+pub type SubscriptionMap = BTreeMap<(String, String), SubscriptionConfig>;
+
+/// Everything the metadata store keeps.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    /// The topics.
+    pub topics: TopicMap,
+    /// The subscriptions on them.
+    pub subscriptions: SubscriptionMap,
+}
+
+fn subscription_to_json(topic: &str, name: &str, c: &SubscriptionConfig) -> serde_json::Value {
+    serde_json::json!({
+        "topic": topic,
+        "name": name,
+        "filter": {
+            "types": c.filter.types,
+            "subject_begins_with": c.filter.subject_begins_with,
+            "subject_ends_with": c.filter.subject_ends_with,
+            "attributes": c.filter.attributes,
+        },
+        "lock_duration_ms": c.lock_duration_ms,
+        "max_deliveries": c.max_deliveries,
+        "ttl_ms": c.ttl_ms,
+        "dead_letter_topic": c.dead_letter_topic,
+        "start": c.start.as_str(),
+    })
+}
+
+fn subscription_from_json(
+    entry: &serde_json::Value,
+) -> Option<(String, String, SubscriptionConfig)> {
+    let string = |v: &serde_json::Value| v.as_str().map(str::to_string);
+    let topic = string(entry.get("topic")?)?;
+    let name = string(entry.get("name")?)?;
+    let filter = entry.get("filter")?;
+    let types = filter
+        .get("types")?
+        .as_array()?
+        .iter()
+        .map(string)
+        .collect::<Option<Vec<_>>>()?;
+    let mut attributes = Vec::new();
+    for pair in filter.get("attributes")?.as_array()? {
+        let pair = pair.as_array()?;
+        let (Some(k), Some(v), 2) = (pair.first(), pair.get(1), pair.len()) else {
+            return None;
+        };
+        attributes.push((string(k)?, string(v)?));
+    }
+    let start = match entry.get("start")?.as_str()? {
+        "earliest" => StartPosition::Earliest,
+        "latest" => StartPosition::Latest,
+        _ => return None,
+    };
+    let config = SubscriptionConfig {
+        filter: Filter {
+            types,
+            subject_begins_with: filter.get("subject_begins_with").and_then(string),
+            subject_ends_with: filter.get("subject_ends_with").and_then(string),
+            attributes,
+        },
+        lock_duration_ms: u32::try_from(entry.get("lock_duration_ms")?.as_u64()?).ok()?,
+        max_deliveries: u32::try_from(entry.get("max_deliveries")?.as_u64()?).ok()?,
+        ttl_ms: entry.get("ttl_ms").and_then(serde_json::Value::as_u64),
+        dead_letter_topic: entry.get("dead_letter_topic").and_then(string),
+        start,
+    };
+    Some((topic, name, config))
+}
 
 /// Converts a wire value where -1 (any negative) means "not set".
 pub fn optional(value: i64) -> Option<u64> {
@@ -83,11 +158,11 @@ impl MetadataStore {
         }
     }
 
-    /// Reads the saved topics (none if the file does not exist yet).
-    pub fn load(&self) -> Result<TopicMap, String> {
+    /// Reads the saved catalog (empty if the file does not exist yet).
+    pub fn load(&self) -> Result<Catalog, String> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(TopicMap::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Catalog::default()),
             Err(e) => return Err(format!("reading {}: {e}", self.path.display())),
         };
         let value: serde_json::Value = serde_json::from_str(&text)
@@ -119,12 +194,34 @@ impl MetadataStore {
                 }
             }
         }
-        Ok(topics)
+        let mut subscriptions = SubscriptionMap::new();
+        // Absent in files written before subscriptions existed.
+        if let Some(list) = value.get("subscriptions").and_then(|s| s.as_array()) {
+            for entry in list {
+                let Some((topic, name, config)) = subscription_from_json(entry) else {
+                    return Err(format!(
+                        "{}: malformed subscription entry {entry}",
+                        self.path.display()
+                    ));
+                };
+                subscriptions.insert((topic, name), config);
+            }
+        }
+        Ok(Catalog {
+            topics,
+            subscriptions,
+        })
     }
 
-    /// Saves the whole list atomically and durably (blocking; run off the executor).
-    pub fn save(&self, topics: &TopicMap) -> Result<(), String> {
-        let list: Vec<serde_json::Value> = topics
+    /// Saves the whole catalog atomically and durably (blocking; run off the executor).
+    pub fn save(&self, catalog: &Catalog) -> Result<(), String> {
+        let subscriptions: Vec<serde_json::Value> = catalog
+            .subscriptions
+            .iter()
+            .map(|((topic, name), c)| subscription_to_json(topic, name, c))
+            .collect();
+        let list: Vec<serde_json::Value> = catalog
+            .topics
             .iter()
             .map(|(name, c)| {
                 serde_json::json!({
@@ -135,7 +232,8 @@ impl MetadataStore {
                 })
             })
             .collect();
-        let text = serde_json::json!({"format": 1, "topics": list}).to_string();
+        let text = serde_json::json!({"format": 1, "topics": list, "subscriptions": subscriptions})
+            .to_string();
         let tmp = self.path.with_extension("json.tmp");
         let dir = self.path.parent().unwrap_or(Path::new("."));
         let write = || -> std::io::Result<()> {
@@ -168,5 +266,26 @@ mod tests {
             assert!(validate_topic_name(bad).is_err(), "{bad:?}");
         }
         assert!(validate_topic_name(&"x".repeat(201)).is_err());
+    }
+
+    #[test]
+    fn subscriptions_round_trip_through_json() {
+        let config = SubscriptionConfig {
+            filter: Filter {
+                types: vec!["a.b".into()],
+                subject_begins_with: Some("eu/".into()),
+                subject_ends_with: None,
+                attributes: vec![("region".into(), "eu".into())],
+            },
+            lock_duration_ms: 1_000,
+            max_deliveries: 3,
+            ttl_ms: Some(60_000),
+            dead_letter_topic: Some("dlq".into()),
+            start: StartPosition::Latest,
+        };
+        let json = subscription_to_json("t", "s", &config);
+        let (topic, name, back) = subscription_from_json(&json).expect("parses");
+        assert_eq!((topic.as_str(), name.as_str()), ("t", "s"));
+        assert_eq!(back, config);
     }
 }

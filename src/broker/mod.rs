@@ -13,6 +13,7 @@ pub mod preflight;
 pub mod server;
 pub mod shard;
 pub mod stats;
+pub mod subscriptions;
 
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -190,6 +191,7 @@ async fn run_shard(
     let mesh_task = glommio::spawn_local(mesh::serve_mesh(Rc::clone(&shard), receivers));
     let maintenance = glommio::spawn_local(Rc::clone(&shard).run_maintenance());
     let counts = server::ConnectionCounts::new(connections);
+    let sweeper = glommio::spawn_local(Rc::clone(&shard).run_subscription_sweeper());
     let accepts: Vec<_> = listeners
         .into_iter()
         .map(|l| glommio::spawn_local(server::accept_loop(Rc::clone(&shard), l, counts.clone())))
@@ -215,6 +217,7 @@ async fn run_shard(
     drop(accepts); // stop accepting
     drop(metrics_endpoint);
     drop(maintenance);
+    drop(sweeper);
     shard.close_logs().await;
     let deadline = std::time::Instant::now() + SHUTDOWN_GRACE;
     while shard.requests_in_flight() > 0 && std::time::Instant::now() < deadline {

@@ -19,6 +19,7 @@ use super::config::BrokerConfig;
 use super::mesh::{PartitionOutcome, ShardMessage, TopicChange};
 use super::metadata::{partition_dir, MetadataStore, TopicConfig, TopicMap};
 use super::stats::ShardMetrics;
+use super::subscriptions::SubscriptionRegistry;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
 use crate::record::Batch;
@@ -72,6 +73,9 @@ pub struct Shard {
     topic_changes: Rc<Semaphore>,
     /// Client requests being handled on this shard, for a graceful shutdown.
     in_flight: Cell<usize>,
+    /// Subscription definitions, the subscription state and consumer-group offsets of the
+    /// partitions this shard owns.
+    pub(super) subs: SubscriptionRegistry,
 }
 
 /// Counts one client request as in flight for as long as it lives.
@@ -94,9 +98,9 @@ impl Shard {
         let id = mesh.peer_id();
         let count = mesh.nr_consumers().max(1);
         let store = MetadataStore::new(&config.data_dir);
-        let topics = store.load()?;
+        let catalog = store.load()?;
         if id == 0 {
-            remove_unknown_topic_dirs(&config, &topics);
+            remove_unknown_topic_dirs(&config, &catalog.topics);
         }
         let probes = Rc::new(FailureProbes::from_env()?);
         if !probes.is_empty() && id == 0 {
@@ -113,10 +117,21 @@ impl Shard {
             mesh,
             topic_changes: Rc::new(Semaphore::new(1)),
             in_flight: Cell::new(0),
+            subs: SubscriptionRegistry::default(),
         });
-        for (name, config) in topics {
+        for (name, config) in catalog.topics {
             shard
                 .apply_topic_change(TopicChange::Created { name, config })
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        for ((topic, name), config) in catalog.subscriptions {
+            shard
+                .apply_topic_change(TopicChange::SubscriptionCreated {
+                    topic,
+                    name,
+                    config,
+                })
                 .await
                 .map_err(|e| e.to_string())?;
         }
@@ -378,17 +393,21 @@ impl Shard {
             .acquire_permit(1)
             .await
             .map_err(|_| ApiError::new(ErrorCode::ShuttingDown, "broker is shutting down"))?;
-        let mut topics = self.topics();
+        let mut catalog = self.catalog();
         match &change {
             TopicChange::Created { name, config } => {
-                if topics.contains_key(name) {
+                if catalog.topics.contains_key(name) {
                     return Err(ApiError::new(
                         ErrorCode::TopicAlreadyExists,
                         format!("topic '{name}' already exists"),
                     ));
                 }
-                let partitions: u64 = topics.values().map(|t| u64::from(t.partitions)).sum();
-                if topics.len() >= self.config.max_topics {
+                let partitions: u64 = catalog
+                    .topics
+                    .values()
+                    .map(|t| u64::from(t.partitions))
+                    .sum();
+                if catalog.topics.len() >= self.config.max_topics {
                     return Err(ApiError::new(
                         ErrorCode::InvalidArgument,
                         format!(
@@ -406,17 +425,21 @@ impl Shard {
                         ),
                     ));
                 }
-                topics.insert(name.clone(), *config);
+                catalog.topics.insert(name.clone(), *config);
             }
             TopicChange::Deleted { name } => {
-                if topics.remove(name).is_none() {
+                if catalog.topics.remove(name).is_none() {
                     return Err(unknown_topic(name));
                 }
+                catalog.subscriptions.retain(|(t, _), _| t != name);
+            }
+            TopicChange::SubscriptionCreated { .. } | TopicChange::SubscriptionDeleted { .. } => {
+                self.check_subscription_change(&mut catalog, &change)?;
             }
         }
         let store = MetadataStore::new(&self.config.data_dir);
         glommio::executor()
-            .spawn_blocking(move || store.save(&topics))
+            .spawn_blocking(move || store.save(&catalog))
             .await
             .map_err(|e| ApiError::new(ErrorCode::StorageError, e))?;
         let applies = (0..self.count).map(|shard| {
@@ -441,7 +464,8 @@ impl Shard {
         Ok(())
     }
 
-    /// Applies a topic change to this shard's state: opens or closes the logs it owns.
+    /// Applies a topic change to this shard's state: opens or closes the logs it owns, and
+    /// the subscription state of those partitions.
     pub async fn apply_topic_change(&self, change: TopicChange) -> Result<(), ApiError> {
         match change {
             TopicChange::Created { name, config } => {
@@ -468,6 +492,7 @@ impl Shard {
             }
             TopicChange::Deleted { name } => {
                 self.topics.borrow_mut().remove(&name);
+                self.drop_topic_subscriptions(&name);
                 let owned: Vec<_> = {
                     let mut logs = self.logs.borrow_mut();
                     let keys: Vec<_> = logs.keys().filter(|(t, _)| *t == name).cloned().collect();
@@ -477,6 +502,17 @@ impl Shard {
                     log.close().await;
                     let _ = std::fs::remove_dir_all(log.dir());
                 }
+            }
+            TopicChange::SubscriptionCreated {
+                topic,
+                name,
+                config,
+            } => {
+                self.apply_subscription_created(&topic, &name, config)
+                    .await?;
+            }
+            TopicChange::SubscriptionDeleted { topic, name } => {
+                self.apply_subscription_deleted(&topic, &name).await;
             }
         }
         Ok(())

@@ -1,4 +1,5 @@
-//! `corebus consume`: print a topic's messages, one per line.
+//! `corebus consume`: print a topic's messages, one per line. With `--group`, start where the
+//! consumer group left off and commit its offsets as messages are printed.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -33,6 +34,10 @@ pub struct ConsumeArgs {
     /// Output: raw values, or one JSON object per message.
     #[arg(long, value_enum, default_value = "raw")]
     format: Format,
+    /// Consumer group: resume from its committed offsets (partitions without one start at
+    /// --from) and commit after each printed batch.
+    #[arg(long)]
+    group: Option<String>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -135,10 +140,39 @@ pub async fn run(args: ConsumeArgs) -> Result<ExitCode, String> {
         }
         None => (0..count).collect(),
     };
+    let committed: std::collections::HashMap<u32, u64> = match &args.group {
+        Some(group) => client
+            .fetch_offsets(group, &args.topic, &partitions)
+            .await
+            .map_err(|e| format!("reading offsets of group '{group}': {e}"))?
+            .into_iter()
+            .map(|(p, r)| {
+                r.map(|o| o.map(|o| (p, o)))
+                    .map_err(|e| format!("offset of group '{group}' on {}/{p}: {e}", args.topic))
+            })
+            .collect::<Result<Vec<_>, String>>()?
+            .into_iter()
+            .flatten()
+            .collect(),
+        None => std::collections::HashMap::new(),
+    };
     let mut next = Vec::with_capacity(partitions.len());
     for &p in &partitions {
-        next.push(start_offset(&client, &args.topic, p, &start).await?);
+        let offset = match committed.get(&p) {
+            // A committed offset outside the log (retention moved on) resumes at its nearest end.
+            Some(&o) => match start_offset(&client, &args.topic, p, &Start::Offset(o)).await {
+                Ok(o) => o,
+                Err(_) => {
+                    let earliest = start_offset(&client, &args.topic, p, &Start::Earliest).await?;
+                    let latest = start_offset(&client, &args.topic, p, &Start::Latest).await?;
+                    o.clamp(earliest, latest.max(earliest))
+                }
+            },
+            None => start_offset(&client, &args.topic, p, &start).await?,
+        };
+        next.push(offset);
     }
+    let mut committed_next = next.clone();
     let limit = args.count.unwrap_or(u64::MAX);
     let mut printed = 0u64;
     let mut last_message = Instant::now();
@@ -177,6 +211,28 @@ pub async fn run(args: ConsumeArgs) -> Result<ExitCode, String> {
             }
         }
         out.flush().map_err(|e| format!("writing stdout: {e}"))?;
+        drop(out);
+        if let Some(group) = &args.group {
+            // Commit only after the messages are written out: at-least-once.
+            let moved: Vec<(u32, u64)> = partitions
+                .iter()
+                .zip(next.iter().zip(&committed_next))
+                .filter(|(_, (n, c))| n != c)
+                .map(|(&p, (&n, _))| (p, n))
+                .collect();
+            if !moved.is_empty() {
+                let results = client
+                    .commit_offsets(group, &args.topic, &moved)
+                    .await
+                    .map_err(|e| format!("committing offsets of group '{group}': {e}"))?;
+                for (p, r) in results {
+                    r.map_err(|e| {
+                        format!("committing {}/{p} for group '{group}': {e}", args.topic)
+                    })?;
+                }
+                committed_next.clone_from(&next);
+            }
+        }
         if got_any {
             last_message = Instant::now();
         } else if last_message.elapsed() >= args.idle_timeout {

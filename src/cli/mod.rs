@@ -4,8 +4,10 @@ mod config_file;
 mod consume;
 mod doctor;
 mod publish;
+mod receive;
 mod serve;
 mod stats;
+mod subscription;
 mod topic;
 
 use std::process::ExitCode;
@@ -85,6 +87,23 @@ enum Command {
     Publish(publish::PublishArgs),
     /// Print messages of a topic.
     Consume(consume::ConsumeArgs),
+    /// Create, list and delete subscriptions.
+    Subscription {
+        #[command(subcommand)]
+        command: subscription::SubscriptionCommand,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Receive events of a subscription, each locked to this receiver.
+    Receive(receive::ReceiveArgs),
+    /// Acknowledge received events: they are never delivered again.
+    Ack(receive::SettleArgs),
+    /// Release received events: delivered again (after --delay).
+    Release(receive::ReleaseArgs),
+    /// Reject received events: they go to the dead-letter topic now.
+    Reject(receive::SettleArgs),
+    /// Extend the locks of received events by the lock duration.
+    Renew(receive::SettleArgs),
     /// Show throughput per topic, disk use and connections.
     Stats(stats::StatsArgs),
     /// Check the machine and the data directory, and say how to fix what is wrong.
@@ -123,6 +142,17 @@ pub fn run(cli: Cli) -> Result<ExitCode, String> {
             print!("{}", config_file::EXAMPLE);
             Ok(ExitCode::SUCCESS)
         }
+        Command::Subscription { command, client } => {
+            client_block_on(subscription::run(command, client))
+        }
+        Command::Receive(args) => client_block_on(receive::run_receive(args)),
+        Command::Ack(args) => client_block_on(receive::run_settle(receive::Verb::Ack, args)),
+        Command::Release(args) => client_block_on(receive::run_settle(
+            receive::Verb::Release(args.delay),
+            args.settle,
+        )),
+        Command::Reject(args) => client_block_on(receive::run_settle(receive::Verb::Reject, args)),
+        Command::Renew(args) => client_block_on(receive::run_settle(receive::Verb::Renew, args)),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `corebus publish`: each stdin line becomes one message.
+//! `corebus publish`: each stdin line becomes one message (a CloudEvent: each gets a fresh
+//! `id`, and the `--type`, `--subject`, `--source` and `--header` given).
 
 use std::io::{BufRead, Write};
 use std::process::ExitCode;
@@ -7,6 +8,7 @@ use std::rc::Rc;
 use corebus::broker::shard::{fnv1a_64, now_ms};
 use corebus::client::{Producer, ProducerOptions};
 use corebus::record::RecordWriter;
+use corebus::subscription::Nonces;
 use futures::channel::oneshot;
 use glommio::channels::local_channel;
 
@@ -32,6 +34,18 @@ pub struct PublishArgs {
     /// Records per batch at most.
     #[arg(long, default_value_t = 1000)]
     batch_records: u32,
+    /// CloudEvents `type` of every message.
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    /// CloudEvents `subject` of every message.
+    #[arg(long)]
+    subject: Option<String>,
+    /// CloudEvents `source` of every message.
+    #[arg(long)]
+    source: Option<String>,
+    /// A header (CloudEvents extension attribute) of every message: KEY=VALUE; repeatable.
+    #[arg(long = "header")]
+    headers: Vec<String>,
     #[command(flatten)]
     client: ClientArgs,
 }
@@ -71,8 +85,51 @@ type StdinReader = std::io::BufReader<std::io::Stdin>;
 
 type AckReceiver = oneshot::Receiver<Result<u64, corebus::client::ClientError>>;
 
+/// Longest CloudEvents attribute accepted (the record layout stores it with a u16 length).
+const MAX_ATTRIBUTE_BYTES: usize = u16::MAX as usize;
+
+/// A random (version 4) UUID: the CloudEvents `id` of a published message.
+fn new_id(random: &mut Nonces) -> String {
+    let (a, b) = (random.next_u64(), random.next_u64());
+    let a = (a & !0xf000) | 0x4000; // version 4
+    let b = (b & !(0xc << 60)) | (0x8 << 60); // RFC 4122 variant
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
 /// Runs `corebus publish`.
 pub async fn run(args: PublishArgs) -> Result<ExitCode, String> {
+    let mut headers = Vec::with_capacity(args.headers.len());
+    for h in &args.headers {
+        let Some((k, v)) = h.split_once('=') else {
+            return Err(format!("--header '{h}': expected KEY=VALUE"));
+        };
+        if k.is_empty() || k.len() > MAX_ATTRIBUTE_BYTES {
+            return Err(format!(
+                "--header '{h}': the key must be 1..={MAX_ATTRIBUTE_BYTES} bytes"
+            ));
+        }
+        headers.push((k.as_bytes(), v.as_bytes()));
+    }
+    for (what, value) in [
+        ("--type", &args.event_type),
+        ("--subject", &args.subject),
+        ("--source", &args.source),
+    ] {
+        if value
+            .as_ref()
+            .is_some_and(|v| v.len() > MAX_ATTRIBUTE_BYTES)
+        {
+            return Err(format!("{what} is longer than {MAX_ATTRIBUTE_BYTES} bytes"));
+        }
+    }
+    let mut random = Nonces::new(u64::from(std::process::id()));
     let client = args.client.connect().await?;
     let partitions = client
         .partition_count(&args.topic)
@@ -142,11 +199,16 @@ pub async fn run(args: PublishArgs) -> Result<ExitCode, String> {
                 .partition
                 .or(key_partition)
                 .unwrap_or((line_no % u64::from(partitions)) as u32);
+            let id = new_id(&mut random);
             let record = RecordWriter {
                 timestamp_ms: now_ms(),
                 key: args.key.as_deref().map(str::as_bytes),
                 value: value.as_bytes(),
-                ..RecordWriter::default()
+                id: &id,
+                source: args.source.as_deref().unwrap_or_default(),
+                event_type: args.event_type.as_deref().unwrap_or_default(),
+                subject: args.subject.as_deref().unwrap_or_default(),
+                headers: &headers,
             };
             let ack = producer.send(partition, &record).await;
             if to_printer.send((line_no, partition, ack)).await.is_err() {

@@ -105,6 +105,15 @@ pub struct ServeArgs {
     /// Longest a fetch may wait for data [default: 60s].
     #[arg(long, value_parser = parse_millis)]
     max_fetch_wait: Option<u64>,
+    /// How often each shard applies expired locks and release delays and sends dead letters [default: 50ms].
+    #[arg(long, value_parser = parse_millis)]
+    subscription_sweep_interval: Option<u64>,
+    /// Most subscriptions one topic may have [default: 100].
+    #[arg(long)]
+    max_subscriptions_per_topic: Option<usize>,
+    /// A subscription locks no new events of a partition while this many are unsettled there [default: 100000].
+    #[arg(long)]
+    max_unsettled_per_partition: Option<usize>,
 }
 
 impl ServeArgs {
@@ -146,6 +155,9 @@ impl ServeArgs {
         set!(checkpoint_interval => checkpoint_interval_ms);
         set!(max_fetch_bytes => max_fetch_bytes as usize);
         set!(max_fetch_wait => max_fetch_wait_ms as u32);
+        set!(subscription_sweep_interval => subscription_sweep_ms);
+        set!(max_subscriptions_per_topic => max_subscriptions_per_topic);
+        set!(max_unsettled_per_partition => max_unsettled_per_partition);
         if self.metrics_listen.is_some() {
             config.metrics_listen = self.metrics_listen;
         }

@@ -1,4 +1,5 @@
-//! The Rust client library: connections, shard-aware routing, produce, fetch and topics.
+//! The Rust client library: connections, shard-aware routing, produce, fetch, topics,
+//! subscriptions (receive and settle) and consumer-group offsets.
 //!
 //! Runs on a glommio executor (the CLI and the load generator start one). With shard-aware
 //! routing on (the default) each partition's requests go straight to the port of the shard
@@ -9,13 +10,16 @@ mod client;
 mod connection;
 mod producer;
 pub mod requests;
+mod subscriptions;
 
+pub use crate::subscription::partition::SettleAction;
 pub use client::{
     fetch_on, produce_on, Client, ClientOptions, Fetched, Metadata, PartitionInfo, PartitionStats,
     Stats,
 };
 pub use connection::Connection;
 pub use producer::{Producer, ProducerOptions};
+pub use subscriptions::{ReceivedEvent, SettleResult, SubscriptionInfo, SubscriptionStats};
 
 use crate::protocol::message::ApiError;
 

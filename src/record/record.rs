@@ -233,6 +233,16 @@ fn decode(bytes: &[u8]) -> Result<Record<'_>, RecordError> {
     })
 }
 
+impl<'a> RecordIter<'a> {
+    /// The next record together with its encoded bytes (length prefix included), as they
+    /// are stored: what a subscription hands to its receivers.
+    pub fn next_with_bytes(&mut self) -> Option<Result<(&'a [u8], Record<'a>), RecordError>> {
+        let before = self.rest;
+        let item = self.next()?;
+        Some(item.map(|record| (&before[..before.len() - self.rest.len()], record)))
+    }
+}
+
 impl<'a> Iterator for RecordIter<'a> {
     type Item = Result<Record<'a>, RecordError>;
 

@@ -8,11 +8,13 @@ pub mod partition_log;
 pub mod probes;
 pub mod scan;
 pub mod segment;
+pub mod state_log;
 pub mod superblock;
 
 pub use error::StorageError;
 pub use partition_log::{AppendTicket, FetchedData, LogConfig, LogStats, PartitionLog};
 pub use probes::FailureProbes;
+pub use state_log::{SnapshotSource, StateLog};
 
 /// When a produce is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

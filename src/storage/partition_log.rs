@@ -723,7 +723,13 @@ impl PartitionLog {
         }
         if offset == hw && !max_wait.is_zero() {
             let (tx, rx) = oneshot::channel();
-            self.state.borrow_mut().data_waiters.push(tx);
+            {
+                let mut st = self.state.borrow_mut();
+                // Readers whose long poll timed out left their senders here; without this an
+                // idle partition polled by readers would collect them forever.
+                st.data_waiters.retain(|w| !w.is_canceled());
+                st.data_waiters.push(tx);
+            }
             futures_lite::future::or(
                 async {
                     let _ = rx.await;
@@ -775,6 +781,13 @@ impl PartitionLog {
         let mut st = self.state.borrow_mut();
         st.messages_out += records;
         st.bytes_out += batches.len() as u64;
+    }
+
+    /// The first and last offset of the range recovery found corrupt around `offset`, if
+    /// any: readers that must move on (subscriptions) skip past it.
+    pub fn corrupt_range_around(&self, offset: u64) -> Option<(u64, u64)> {
+        self.corrupt_range_of(offset)
+            .map(|r| (r.first_offset, r.last_offset))
     }
 
     fn corrupt_range_of(&self, offset: u64) -> Option<CorruptRange> {

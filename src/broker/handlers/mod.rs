@@ -3,8 +3,12 @@
 
 mod fetch;
 mod metadata;
+mod offsets;
 mod produce;
+mod receive;
+mod settle;
 mod stats;
+mod subscriptions;
 mod topics;
 
 use bytes::Bytes;
@@ -49,6 +53,40 @@ pub async fn dispatch(shard: &Shard, frame: Bytes) -> OutFrame {
             None => Err(missing_body()),
         },
         RequestBody::ListTopicsRequest => Ok(topics::list(shard, id)),
+        RequestBody::CreateSubscriptionRequest => {
+            match request.body_as_create_subscription_request() {
+                Some(r) => subscriptions::create(shard, id, r).await,
+                None => Err(missing_body()),
+            }
+        }
+        RequestBody::DeleteSubscriptionRequest => {
+            match request.body_as_delete_subscription_request() {
+                Some(r) => subscriptions::delete(shard, id, r).await,
+                None => Err(missing_body()),
+            }
+        }
+        RequestBody::ListSubscriptionsRequest => {
+            match request.body_as_list_subscriptions_request() {
+                Some(r) => subscriptions::list(shard, id, r).await,
+                None => Err(missing_body()),
+            }
+        }
+        RequestBody::ReceiveRequest => match request.body_as_receive_request() {
+            Some(r) => receive::handle(shard, id, r).await,
+            None => Err(missing_body()),
+        },
+        RequestBody::SettleRequest => match request.body_as_settle_request() {
+            Some(r) => settle::handle(shard, id, r).await,
+            None => Err(missing_body()),
+        },
+        RequestBody::CommitOffsetsRequest => match request.body_as_commit_offsets_request() {
+            Some(r) => offsets::commit(shard, id, r).await,
+            None => Err(missing_body()),
+        },
+        RequestBody::FetchOffsetsRequest => match request.body_as_fetch_offsets_request() {
+            Some(r) => offsets::fetch(shard, id, r).await,
+            None => Err(missing_body()),
+        },
         RequestBody::StatsRequest => Ok(stats::handle(shard, id).await),
         other => Err(ApiError::new(
             ErrorCode::UnsupportedRequest,

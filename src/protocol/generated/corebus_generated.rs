@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 15;
+pub const ENUM_MAX_ERROR_CODE: u16 = 18;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 16] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 19] = [
   ErrorCode::None,
   ErrorCode::Internal,
   ErrorCode::InvalidRequest,
@@ -33,6 +33,9 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 16] = [
   ErrorCode::ShardUnavailable,
   ErrorCode::ShuttingDown,
   ErrorCode::CorruptData,
+  ErrorCode::UnknownSubscription,
+  ErrorCode::SubscriptionAlreadyExists,
+  ErrorCode::LockLost,
 ];
 
 /// Typed error codes. `None` means success.
@@ -72,9 +75,16 @@ impl ErrorCode {
   pub const ShuttingDown: Self = Self(14);
   /// A stored batch in the requested range failed its checksum and is not served.
   pub const CorruptData: Self = Self(15);
+  /// The subscription does not exist on the topic.
+  pub const UnknownSubscription: Self = Self(16);
+  /// A subscription with that name already exists on the topic.
+  pub const SubscriptionAlreadyExists: Self = Self(17);
+  /// The lock token names no event locked now: its lock expired, it was settled already, or
+  /// it was never issued.
+  pub const LockLost: Self = Self(18);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 15;
+  pub const ENUM_MAX: u16 = 18;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::Internal,
@@ -92,6 +102,9 @@ impl ErrorCode {
     Self::ShardUnavailable,
     Self::ShuttingDown,
     Self::CorruptData,
+    Self::UnknownSubscription,
+    Self::SubscriptionAlreadyExists,
+    Self::LockLost,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -112,6 +125,9 @@ impl ErrorCode {
       Self::ShardUnavailable => Some("ShardUnavailable"),
       Self::ShuttingDown => Some("ShuttingDown"),
       Self::CorruptData => Some("CorruptData"),
+      Self::UnknownSubscription => Some("UnknownSubscription"),
+      Self::SubscriptionAlreadyExists => Some("SubscriptionAlreadyExists"),
+      Self::LockLost => Some("LockLost"),
       _ => None,
     }
   }
@@ -167,12 +183,196 @@ impl<'a> ::flatbuffers::Verifiable for ErrorCode {
 
 impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MIN_REQUEST_BODY: u8 = 0;
+pub const ENUM_MIN_START_POSITION: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_REQUEST_BODY: u8 = 7;
+pub const ENUM_MAX_START_POSITION: u8 = 1;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 8] = [
+pub const ENUM_VALUES_START_POSITION: [StartPosition; 2] = [
+  StartPosition::Earliest,
+  StartPosition::Latest,
+];
+
+/// Where a new subscription starts in each partition.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct StartPosition(pub u8);
+#[allow(non_upper_case_globals)]
+impl StartPosition {
+  /// At the first stored event.
+  pub const Earliest: Self = Self(0);
+  /// After the last event stored when the subscription is created.
+  pub const Latest: Self = Self(1);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 1;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Earliest,
+    Self::Latest,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Earliest => Some("Earliest"),
+      Self::Latest => Some("Latest"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for StartPosition {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for StartPosition {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for StartPosition {
+    type Output = StartPosition;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for StartPosition {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for StartPosition {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for StartPosition {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_SETTLE_ACTION: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_SETTLE_ACTION: u8 = 3;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_SETTLE_ACTION: [SettleAction; 4] = [
+  SettleAction::Ack,
+  SettleAction::Release,
+  SettleAction::Reject,
+  SettleAction::Renew,
+];
+
+/// What to do with locked events.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct SettleAction(pub u8);
+#[allow(non_upper_case_globals)]
+impl SettleAction {
+  /// Done: never deliver again.
+  pub const Ack: Self = Self(0);
+  /// Unlock: deliver again after `release_delay_ms`.
+  pub const Release: Self = Self(1);
+  /// Dead-letter now (reason `rejected`).
+  pub const Reject: Self = Self(2);
+  /// Extend the lock by the lock duration from now.
+  pub const Renew: Self = Self(3);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 3;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Ack,
+    Self::Release,
+    Self::Reject,
+    Self::Renew,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Ack => Some("Ack"),
+      Self::Release => Some("Release"),
+      Self::Reject => Some("Reject"),
+      Self::Renew => Some("Renew"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for SettleAction {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for SettleAction {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for SettleAction {
+    type Output = SettleAction;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for SettleAction {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for SettleAction {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for SettleAction {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_REQUEST_BODY: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_REQUEST_BODY: u8 = 14;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 15] = [
   RequestBody::NONE,
   RequestBody::CreateTopicRequest,
   RequestBody::DeleteTopicRequest,
@@ -180,6 +380,13 @@ pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 8] = [
   RequestBody::MetadataRequest,
   RequestBody::ProduceRequest,
   RequestBody::FetchRequest,
+  RequestBody::CreateSubscriptionRequest,
+  RequestBody::DeleteSubscriptionRequest,
+  RequestBody::ListSubscriptionsRequest,
+  RequestBody::ReceiveRequest,
+  RequestBody::SettleRequest,
+  RequestBody::CommitOffsetsRequest,
+  RequestBody::FetchOffsetsRequest,
   RequestBody::StatsRequest,
 ];
 
@@ -195,10 +402,17 @@ impl RequestBody {
   pub const MetadataRequest: Self = Self(4);
   pub const ProduceRequest: Self = Self(5);
   pub const FetchRequest: Self = Self(6);
-  pub const StatsRequest: Self = Self(7);
+  pub const CreateSubscriptionRequest: Self = Self(7);
+  pub const DeleteSubscriptionRequest: Self = Self(8);
+  pub const ListSubscriptionsRequest: Self = Self(9);
+  pub const ReceiveRequest: Self = Self(10);
+  pub const SettleRequest: Self = Self(11);
+  pub const CommitOffsetsRequest: Self = Self(12);
+  pub const FetchOffsetsRequest: Self = Self(13);
+  pub const StatsRequest: Self = Self(14);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 7;
+  pub const ENUM_MAX: u8 = 14;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::CreateTopicRequest,
@@ -207,6 +421,13 @@ impl RequestBody {
     Self::MetadataRequest,
     Self::ProduceRequest,
     Self::FetchRequest,
+    Self::CreateSubscriptionRequest,
+    Self::DeleteSubscriptionRequest,
+    Self::ListSubscriptionsRequest,
+    Self::ReceiveRequest,
+    Self::SettleRequest,
+    Self::CommitOffsetsRequest,
+    Self::FetchOffsetsRequest,
     Self::StatsRequest,
   ];
   /// Returns the variant's name or "" if unknown.
@@ -219,6 +440,13 @@ impl RequestBody {
       Self::MetadataRequest => Some("MetadataRequest"),
       Self::ProduceRequest => Some("ProduceRequest"),
       Self::FetchRequest => Some("FetchRequest"),
+      Self::CreateSubscriptionRequest => Some("CreateSubscriptionRequest"),
+      Self::DeleteSubscriptionRequest => Some("DeleteSubscriptionRequest"),
+      Self::ListSubscriptionsRequest => Some("ListSubscriptionsRequest"),
+      Self::ReceiveRequest => Some("ReceiveRequest"),
+      Self::SettleRequest => Some("SettleRequest"),
+      Self::CommitOffsetsRequest => Some("CommitOffsetsRequest"),
+      Self::FetchOffsetsRequest => Some("FetchOffsetsRequest"),
       Self::StatsRequest => Some("StatsRequest"),
       _ => None,
     }
@@ -279,10 +507,10 @@ pub struct RequestBodyUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_RESPONSE_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_RESPONSE_BODY: u8 = 7;
+pub const ENUM_MAX_RESPONSE_BODY: u8 = 14;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 8] = [
+pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 15] = [
   ResponseBody::NONE,
   ResponseBody::CreateTopicResponse,
   ResponseBody::DeleteTopicResponse,
@@ -290,6 +518,13 @@ pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 8] = [
   ResponseBody::MetadataResponse,
   ResponseBody::ProduceResponse,
   ResponseBody::FetchResponse,
+  ResponseBody::CreateSubscriptionResponse,
+  ResponseBody::DeleteSubscriptionResponse,
+  ResponseBody::ListSubscriptionsResponse,
+  ResponseBody::ReceiveResponse,
+  ResponseBody::SettleResponse,
+  ResponseBody::CommitOffsetsResponse,
+  ResponseBody::FetchOffsetsResponse,
   ResponseBody::StatsResponse,
 ];
 
@@ -305,10 +540,17 @@ impl ResponseBody {
   pub const MetadataResponse: Self = Self(4);
   pub const ProduceResponse: Self = Self(5);
   pub const FetchResponse: Self = Self(6);
-  pub const StatsResponse: Self = Self(7);
+  pub const CreateSubscriptionResponse: Self = Self(7);
+  pub const DeleteSubscriptionResponse: Self = Self(8);
+  pub const ListSubscriptionsResponse: Self = Self(9);
+  pub const ReceiveResponse: Self = Self(10);
+  pub const SettleResponse: Self = Self(11);
+  pub const CommitOffsetsResponse: Self = Self(12);
+  pub const FetchOffsetsResponse: Self = Self(13);
+  pub const StatsResponse: Self = Self(14);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 7;
+  pub const ENUM_MAX: u8 = 14;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::CreateTopicResponse,
@@ -317,6 +559,13 @@ impl ResponseBody {
     Self::MetadataResponse,
     Self::ProduceResponse,
     Self::FetchResponse,
+    Self::CreateSubscriptionResponse,
+    Self::DeleteSubscriptionResponse,
+    Self::ListSubscriptionsResponse,
+    Self::ReceiveResponse,
+    Self::SettleResponse,
+    Self::CommitOffsetsResponse,
+    Self::FetchOffsetsResponse,
     Self::StatsResponse,
   ];
   /// Returns the variant's name or "" if unknown.
@@ -329,6 +578,13 @@ impl ResponseBody {
       Self::MetadataResponse => Some("MetadataResponse"),
       Self::ProduceResponse => Some("ProduceResponse"),
       Self::FetchResponse => Some("FetchResponse"),
+      Self::CreateSubscriptionResponse => Some("CreateSubscriptionResponse"),
+      Self::DeleteSubscriptionResponse => Some("DeleteSubscriptionResponse"),
+      Self::ListSubscriptionsResponse => Some("ListSubscriptionsResponse"),
+      Self::ReceiveResponse => Some("ReceiveResponse"),
+      Self::SettleResponse => Some("SettleResponse"),
+      Self::CommitOffsetsResponse => Some("CommitOffsetsResponse"),
+      Self::FetchOffsetsResponse => Some("FetchOffsetsResponse"),
       Self::StatsResponse => Some("StatsResponse"),
       _ => None,
     }
@@ -3300,6 +3556,2771 @@ impl ::core::fmt::Debug for StatsResponse<'_> {
       ds.finish()
   }
 }
+pub enum AttributeFilterOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One `ATTR=VALUE` filter condition. Conditions on the same attribute are alternatives
+/// (the attribute equals any of their values); conditions on different attributes must all
+/// hold.
+pub struct AttributeFilter<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for AttributeFilter<'a> {
+  type Inner = AttributeFilter<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> AttributeFilter<'a> {
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 4;
+  pub const VT_VALUE: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    AttributeFilter { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args AttributeFilterArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<AttributeFilter<'bldr>> {
+    let mut builder = AttributeFilterBuilder::new(_fbb);
+    if let Some(x) = args.value { builder.add_value(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.finish()
+  }
+
+
+  /// `id`, `source`, `type`, `subject`, or the key of a header (extension attribute).
+  #[inline]
+  pub fn name(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(AttributeFilter::VT_NAME, None).unwrap()}
+  }
+  #[inline]
+  pub fn value(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(AttributeFilter::VT_VALUE, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for AttributeFilter<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("value", Self::VT_VALUE, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct AttributeFilterArgs<'a> {
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub value: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for AttributeFilterArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    AttributeFilterArgs {
+      name: None, // required field
+      value: None, // required field
+    }
+  }
+}
+
+pub struct AttributeFilterBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> AttributeFilterBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(AttributeFilter::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_value(&mut self, value: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(AttributeFilter::VT_VALUE, value);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> AttributeFilterBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    AttributeFilterBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<AttributeFilter<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, AttributeFilter::VT_NAME,"name");
+    self.fbb_.required(o, AttributeFilter::VT_VALUE,"value");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for AttributeFilter<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("AttributeFilter");
+      ds.field("name", &self.name());
+      ds.field("value", &self.value());
+      ds.finish()
+  }
+}
+pub enum SubscriptionOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A subscription's definition. Every filter that is set must hold for an event to be
+/// delivered; an event that fails the filter is never delivered to this subscription.
+pub struct Subscription<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Subscription<'a> {
+  type Inner = Subscription<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Subscription<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 6;
+  pub const VT_FILTER_TYPES: ::flatbuffers::VOffsetT = 8;
+  pub const VT_FILTER_SUBJECT_BEGINS_WITH: ::flatbuffers::VOffsetT = 10;
+  pub const VT_FILTER_SUBJECT_ENDS_WITH: ::flatbuffers::VOffsetT = 12;
+  pub const VT_FILTER_ATTRIBUTES: ::flatbuffers::VOffsetT = 14;
+  pub const VT_LOCK_DURATION_MS: ::flatbuffers::VOffsetT = 16;
+  pub const VT_MAX_DELIVERIES: ::flatbuffers::VOffsetT = 18;
+  pub const VT_TTL_MS: ::flatbuffers::VOffsetT = 20;
+  pub const VT_DEAD_LETTER_TOPIC: ::flatbuffers::VOffsetT = 22;
+  pub const VT_START: ::flatbuffers::VOffsetT = 24;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Subscription { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SubscriptionArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Subscription<'bldr>> {
+    let mut builder = SubscriptionBuilder::new(_fbb);
+    builder.add_ttl_ms(args.ttl_ms);
+    if let Some(x) = args.dead_letter_topic { builder.add_dead_letter_topic(x); }
+    builder.add_max_deliveries(args.max_deliveries);
+    builder.add_lock_duration_ms(args.lock_duration_ms);
+    if let Some(x) = args.filter_attributes { builder.add_filter_attributes(x); }
+    if let Some(x) = args.filter_subject_ends_with { builder.add_filter_subject_ends_with(x); }
+    if let Some(x) = args.filter_subject_begins_with { builder.add_filter_subject_begins_with(x); }
+    if let Some(x) = args.filter_types { builder.add_filter_types(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_start(args.start);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Subscription::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn name(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Subscription::VT_NAME, None).unwrap()}
+  }
+  /// The event's `type` must equal one of these (none: any type).
+  #[inline]
+  pub fn filter_types(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(Subscription::VT_FILTER_TYPES, None)}
+  }
+  /// The event's `subject` must begin with this.
+  #[inline]
+  pub fn filter_subject_begins_with(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Subscription::VT_FILTER_SUBJECT_BEGINS_WITH, None)}
+  }
+  /// The event's `subject` must end with this.
+  #[inline]
+  pub fn filter_subject_ends_with(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Subscription::VT_FILTER_SUBJECT_ENDS_WITH, None)}
+  }
+  #[inline]
+  pub fn filter_attributes(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<AttributeFilter<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<AttributeFilter>>>>(Subscription::VT_FILTER_ATTRIBUTES, None)}
+  }
+  /// How long a received event stays locked to its receiver; 0: the broker's default (30 s).
+  #[inline]
+  pub fn lock_duration_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Subscription::VT_LOCK_DURATION_MS, Some(0)).unwrap()}
+  }
+  /// Deliveries before an event goes to the dead-letter topic; 0: the default (10).
+  #[inline]
+  pub fn max_deliveries(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Subscription::VT_MAX_DELIVERIES, Some(0)).unwrap()}
+  }
+  /// Events older than this (by record time) are not delivered but dead-lettered; -1: never.
+  #[inline]
+  pub fn ttl_ms(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(Subscription::VT_TTL_MS, Some(-1)).unwrap()}
+  }
+  /// Where rejected, expired and exhausted events go; absent: they are dropped and counted.
+  #[inline]
+  pub fn dead_letter_topic(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(Subscription::VT_DEAD_LETTER_TOPIC, None)}
+  }
+  #[inline]
+  pub fn start(&self) -> StartPosition {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<StartPosition>(Subscription::VT_START, Some(StartPosition::Earliest)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Subscription<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("filter_types", Self::VT_FILTER_TYPES, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("filter_subject_begins_with", Self::VT_FILTER_SUBJECT_BEGINS_WITH, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("filter_subject_ends_with", Self::VT_FILTER_SUBJECT_ENDS_WITH, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<AttributeFilter>>>>("filter_attributes", Self::VT_FILTER_ATTRIBUTES, false)?
+     .visit_field::<u32>("lock_duration_ms", Self::VT_LOCK_DURATION_MS, false)?
+     .visit_field::<u32>("max_deliveries", Self::VT_MAX_DELIVERIES, false)?
+     .visit_field::<i64>("ttl_ms", Self::VT_TTL_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("dead_letter_topic", Self::VT_DEAD_LETTER_TOPIC, false)?
+     .visit_field::<StartPosition>("start", Self::VT_START, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SubscriptionArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub filter_types: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub filter_subject_begins_with: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub filter_subject_ends_with: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub filter_attributes: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<AttributeFilter<'a>>>>>,
+    pub lock_duration_ms: u32,
+    pub max_deliveries: u32,
+    pub ttl_ms: i64,
+    pub dead_letter_topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub start: StartPosition,
+}
+impl<'a> Default for SubscriptionArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SubscriptionArgs {
+      topic: None, // required field
+      name: None, // required field
+      filter_types: None,
+      filter_subject_begins_with: None,
+      filter_subject_ends_with: None,
+      filter_attributes: None,
+      lock_duration_ms: 0,
+      max_deliveries: 0,
+      ttl_ms: -1,
+      dead_letter_topic: None,
+      start: StartPosition::Earliest,
+    }
+  }
+}
+
+pub struct SubscriptionBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscriptionBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Subscription::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Subscription::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_filter_types(&mut self, filter_types: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Subscription::VT_FILTER_TYPES, filter_types);
+  }
+  #[inline]
+  pub fn add_filter_subject_begins_with(&mut self, filter_subject_begins_with: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Subscription::VT_FILTER_SUBJECT_BEGINS_WITH, filter_subject_begins_with);
+  }
+  #[inline]
+  pub fn add_filter_subject_ends_with(&mut self, filter_subject_ends_with: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Subscription::VT_FILTER_SUBJECT_ENDS_WITH, filter_subject_ends_with);
+  }
+  #[inline]
+  pub fn add_filter_attributes(&mut self, filter_attributes: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<AttributeFilter<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Subscription::VT_FILTER_ATTRIBUTES, filter_attributes);
+  }
+  #[inline]
+  pub fn add_lock_duration_ms(&mut self, lock_duration_ms: u32) {
+    self.fbb_.push_slot::<u32>(Subscription::VT_LOCK_DURATION_MS, lock_duration_ms, 0);
+  }
+  #[inline]
+  pub fn add_max_deliveries(&mut self, max_deliveries: u32) {
+    self.fbb_.push_slot::<u32>(Subscription::VT_MAX_DELIVERIES, max_deliveries, 0);
+  }
+  #[inline]
+  pub fn add_ttl_ms(&mut self, ttl_ms: i64) {
+    self.fbb_.push_slot::<i64>(Subscription::VT_TTL_MS, ttl_ms, -1);
+  }
+  #[inline]
+  pub fn add_dead_letter_topic(&mut self, dead_letter_topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Subscription::VT_DEAD_LETTER_TOPIC, dead_letter_topic);
+  }
+  #[inline]
+  pub fn add_start(&mut self, start: StartPosition) {
+    self.fbb_.push_slot::<StartPosition>(Subscription::VT_START, start, StartPosition::Earliest);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscriptionBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SubscriptionBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Subscription<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, Subscription::VT_TOPIC,"topic");
+    self.fbb_.required(o, Subscription::VT_NAME,"name");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Subscription<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Subscription");
+      ds.field("topic", &self.topic());
+      ds.field("name", &self.name());
+      ds.field("filter_types", &self.filter_types());
+      ds.field("filter_subject_begins_with", &self.filter_subject_begins_with());
+      ds.field("filter_subject_ends_with", &self.filter_subject_ends_with());
+      ds.field("filter_attributes", &self.filter_attributes());
+      ds.field("lock_duration_ms", &self.lock_duration_ms());
+      ds.field("max_deliveries", &self.max_deliveries());
+      ds.field("ttl_ms", &self.ttl_ms());
+      ds.field("dead_letter_topic", &self.dead_letter_topic());
+      ds.field("start", &self.start());
+      ds.finish()
+  }
+}
+pub enum SubscriptionStatsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Figures of one subscription, summed over its partitions.
+pub struct SubscriptionStats<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SubscriptionStats<'a> {
+  type Inner = SubscriptionStats<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SubscriptionStats<'a> {
+  pub const VT_LOCKED: ::flatbuffers::VOffsetT = 4;
+  pub const VT_BACKLOG: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ACKED: ::flatbuffers::VOffsetT = 8;
+  pub const VT_DEAD_LETTERED: ::flatbuffers::VOffsetT = 10;
+  pub const VT_DROPPED: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SubscriptionStats { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SubscriptionStatsArgs
+  ) -> ::flatbuffers::WIPOffset<SubscriptionStats<'bldr>> {
+    let mut builder = SubscriptionStatsBuilder::new(_fbb);
+    builder.add_dropped(args.dropped);
+    builder.add_dead_lettered(args.dead_lettered);
+    builder.add_acked(args.acked);
+    builder.add_backlog(args.backlog);
+    builder.add_locked(args.locked);
+    builder.finish()
+  }
+
+
+  /// Events locked to a receiver now.
+  #[inline]
+  pub fn locked(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_LOCKED, Some(0)).unwrap()}
+  }
+  /// Matching events waiting for (re)delivery, plus not yet filtered events.
+  #[inline]
+  pub fn backlog(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_BACKLOG, Some(0)).unwrap()}
+  }
+  /// Events acknowledged since the subscription was created.
+  #[inline]
+  pub fn acked(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_ACKED, Some(0)).unwrap()}
+  }
+  /// Events moved to the dead-letter topic.
+  #[inline]
+  pub fn dead_lettered(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_DEAD_LETTERED, Some(0)).unwrap()}
+  }
+  /// Events that would have been dead-lettered, but the subscription has no dead-letter topic.
+  #[inline]
+  pub fn dropped(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_DROPPED, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SubscriptionStats<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("locked", Self::VT_LOCKED, false)?
+     .visit_field::<u64>("backlog", Self::VT_BACKLOG, false)?
+     .visit_field::<u64>("acked", Self::VT_ACKED, false)?
+     .visit_field::<u64>("dead_lettered", Self::VT_DEAD_LETTERED, false)?
+     .visit_field::<u64>("dropped", Self::VT_DROPPED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SubscriptionStatsArgs {
+    pub locked: u64,
+    pub backlog: u64,
+    pub acked: u64,
+    pub dead_lettered: u64,
+    pub dropped: u64,
+}
+impl<'a> Default for SubscriptionStatsArgs {
+  #[inline]
+  fn default() -> Self {
+    SubscriptionStatsArgs {
+      locked: 0,
+      backlog: 0,
+      acked: 0,
+      dead_lettered: 0,
+      dropped: 0,
+    }
+  }
+}
+
+pub struct SubscriptionStatsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscriptionStatsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_locked(&mut self, locked: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_LOCKED, locked, 0);
+  }
+  #[inline]
+  pub fn add_backlog(&mut self, backlog: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_BACKLOG, backlog, 0);
+  }
+  #[inline]
+  pub fn add_acked(&mut self, acked: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_ACKED, acked, 0);
+  }
+  #[inline]
+  pub fn add_dead_lettered(&mut self, dead_lettered: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_DEAD_LETTERED, dead_lettered, 0);
+  }
+  #[inline]
+  pub fn add_dropped(&mut self, dropped: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_DROPPED, dropped, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscriptionStatsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SubscriptionStatsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SubscriptionStats<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SubscriptionStats<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SubscriptionStats");
+      ds.field("locked", &self.locked());
+      ds.field("backlog", &self.backlog());
+      ds.field("acked", &self.acked());
+      ds.field("dead_lettered", &self.dead_lettered());
+      ds.field("dropped", &self.dropped());
+      ds.finish()
+  }
+}
+pub enum CreateSubscriptionRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CreateSubscriptionRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CreateSubscriptionRequest<'a> {
+  type Inner = CreateSubscriptionRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CreateSubscriptionRequest<'a> {
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CreateSubscriptionRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CreateSubscriptionRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CreateSubscriptionRequest<'bldr>> {
+    let mut builder = CreateSubscriptionRequestBuilder::new(_fbb);
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn subscription(&self) -> Subscription<'a> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Subscription>>(CreateSubscriptionRequest::VT_SUBSCRIPTION, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CreateSubscriptionRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Subscription>>("subscription", Self::VT_SUBSCRIPTION, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CreateSubscriptionRequestArgs<'a> {
+    pub subscription: Option<::flatbuffers::WIPOffset<Subscription<'a>>>,
+}
+impl<'a> Default for CreateSubscriptionRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CreateSubscriptionRequestArgs {
+      subscription: None, // required field
+    }
+  }
+}
+
+pub struct CreateSubscriptionRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateSubscriptionRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<Subscription<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Subscription>>(CreateSubscriptionRequest::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateSubscriptionRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CreateSubscriptionRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CreateSubscriptionRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CreateSubscriptionRequest::VT_SUBSCRIPTION,"subscription");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CreateSubscriptionRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CreateSubscriptionRequest");
+      ds.field("subscription", &self.subscription());
+      ds.finish()
+  }
+}
+pub enum CreateSubscriptionResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CreateSubscriptionResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CreateSubscriptionResponse<'a> {
+  type Inner = CreateSubscriptionResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CreateSubscriptionResponse<'a> {
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CreateSubscriptionResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CreateSubscriptionResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CreateSubscriptionResponse<'bldr>> {
+    let mut builder = CreateSubscriptionResponseBuilder::new(_fbb);
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    builder.finish()
+  }
+
+
+  /// The subscription as stored, defaults filled in.
+  #[inline]
+  pub fn subscription(&self) -> Option<Subscription<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Subscription>>(CreateSubscriptionResponse::VT_SUBSCRIPTION, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CreateSubscriptionResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Subscription>>("subscription", Self::VT_SUBSCRIPTION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CreateSubscriptionResponseArgs<'a> {
+    pub subscription: Option<::flatbuffers::WIPOffset<Subscription<'a>>>,
+}
+impl<'a> Default for CreateSubscriptionResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CreateSubscriptionResponseArgs {
+      subscription: None,
+    }
+  }
+}
+
+pub struct CreateSubscriptionResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateSubscriptionResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<Subscription<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Subscription>>(CreateSubscriptionResponse::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateSubscriptionResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CreateSubscriptionResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CreateSubscriptionResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CreateSubscriptionResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CreateSubscriptionResponse");
+      ds.field("subscription", &self.subscription());
+      ds.finish()
+  }
+}
+pub enum DeleteSubscriptionRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct DeleteSubscriptionRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DeleteSubscriptionRequest<'a> {
+  type Inner = DeleteSubscriptionRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DeleteSubscriptionRequest<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DeleteSubscriptionRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeleteSubscriptionRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DeleteSubscriptionRequest<'bldr>> {
+    let mut builder = DeleteSubscriptionRequestBuilder::new(_fbb);
+    if let Some(x) = args.name { builder.add_name(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DeleteSubscriptionRequest::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn name(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DeleteSubscriptionRequest::VT_NAME, None).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DeleteSubscriptionRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, true)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeleteSubscriptionRequestArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for DeleteSubscriptionRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DeleteSubscriptionRequestArgs {
+      topic: None, // required field
+      name: None, // required field
+    }
+  }
+}
+
+pub struct DeleteSubscriptionRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeleteSubscriptionRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeleteSubscriptionRequest::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeleteSubscriptionRequest::VT_NAME, name);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeleteSubscriptionRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeleteSubscriptionRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DeleteSubscriptionRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, DeleteSubscriptionRequest::VT_TOPIC,"topic");
+    self.fbb_.required(o, DeleteSubscriptionRequest::VT_NAME,"name");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DeleteSubscriptionRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DeleteSubscriptionRequest");
+      ds.field("topic", &self.topic());
+      ds.field("name", &self.name());
+      ds.finish()
+  }
+}
+pub enum DeleteSubscriptionResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct DeleteSubscriptionResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for DeleteSubscriptionResponse<'a> {
+  type Inner = DeleteSubscriptionResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> DeleteSubscriptionResponse<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    DeleteSubscriptionResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeleteSubscriptionResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<DeleteSubscriptionResponse<'bldr>> {
+    let mut builder = DeleteSubscriptionResponseBuilder::new(_fbb);
+    if let Some(x) = args.name { builder.add_name(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DeleteSubscriptionResponse::VT_TOPIC, None)}
+  }
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(DeleteSubscriptionResponse::VT_NAME, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for DeleteSubscriptionResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeleteSubscriptionResponseArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for DeleteSubscriptionResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DeleteSubscriptionResponseArgs {
+      topic: None,
+      name: None,
+    }
+  }
+}
+
+pub struct DeleteSubscriptionResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeleteSubscriptionResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeleteSubscriptionResponse::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(DeleteSubscriptionResponse::VT_NAME, name);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeleteSubscriptionResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeleteSubscriptionResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<DeleteSubscriptionResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for DeleteSubscriptionResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("DeleteSubscriptionResponse");
+      ds.field("topic", &self.topic());
+      ds.field("name", &self.name());
+      ds.finish()
+  }
+}
+pub enum ListSubscriptionsRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ListSubscriptionsRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListSubscriptionsRequest<'a> {
+  type Inner = ListSubscriptionsRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListSubscriptionsRequest<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_WITH_STATS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListSubscriptionsRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListSubscriptionsRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ListSubscriptionsRequest<'bldr>> {
+    let mut builder = ListSubscriptionsRequestBuilder::new(_fbb);
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_with_stats(args.with_stats);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ListSubscriptionsRequest::VT_TOPIC, None).unwrap()}
+  }
+  /// Also gather each subscription's figures from the shards that own its partitions.
+  #[inline]
+  pub fn with_stats(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ListSubscriptionsRequest::VT_WITH_STATS, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListSubscriptionsRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<bool>("with_stats", Self::VT_WITH_STATS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListSubscriptionsRequestArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub with_stats: bool,
+}
+impl<'a> Default for ListSubscriptionsRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ListSubscriptionsRequestArgs {
+      topic: None, // required field
+      with_stats: false,
+    }
+  }
+}
+
+pub struct ListSubscriptionsRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListSubscriptionsRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListSubscriptionsRequest::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_with_stats(&mut self, with_stats: bool) {
+    self.fbb_.push_slot::<bool>(ListSubscriptionsRequest::VT_WITH_STATS, with_stats, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListSubscriptionsRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListSubscriptionsRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListSubscriptionsRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, ListSubscriptionsRequest::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListSubscriptionsRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListSubscriptionsRequest");
+      ds.field("topic", &self.topic());
+      ds.field("with_stats", &self.with_stats());
+      ds.finish()
+  }
+}
+pub enum SubscriptionInfoOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SubscriptionInfo<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SubscriptionInfo<'a> {
+  type Inner = SubscriptionInfo<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SubscriptionInfo<'a> {
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_STATS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SubscriptionInfo { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SubscriptionInfoArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SubscriptionInfo<'bldr>> {
+    let mut builder = SubscriptionInfoBuilder::new(_fbb);
+    if let Some(x) = args.stats { builder.add_stats(x); }
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn subscription(&self) -> Option<Subscription<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Subscription>>(SubscriptionInfo::VT_SUBSCRIPTION, None)}
+  }
+  /// Present when asked for.
+  #[inline]
+  pub fn stats(&self) -> Option<SubscriptionStats<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<SubscriptionStats>>(SubscriptionInfo::VT_STATS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SubscriptionInfo<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Subscription>>("subscription", Self::VT_SUBSCRIPTION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<SubscriptionStats>>("stats", Self::VT_STATS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SubscriptionInfoArgs<'a> {
+    pub subscription: Option<::flatbuffers::WIPOffset<Subscription<'a>>>,
+    pub stats: Option<::flatbuffers::WIPOffset<SubscriptionStats<'a>>>,
+}
+impl<'a> Default for SubscriptionInfoArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SubscriptionInfoArgs {
+      subscription: None,
+      stats: None,
+    }
+  }
+}
+
+pub struct SubscriptionInfoBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscriptionInfoBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<Subscription<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Subscription>>(SubscriptionInfo::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn add_stats(&mut self, stats: ::flatbuffers::WIPOffset<SubscriptionStats<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<SubscriptionStats>>(SubscriptionInfo::VT_STATS, stats);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscriptionInfoBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SubscriptionInfoBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SubscriptionInfo<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SubscriptionInfo<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SubscriptionInfo");
+      ds.field("subscription", &self.subscription());
+      ds.field("stats", &self.stats());
+      ds.finish()
+  }
+}
+pub enum ListSubscriptionsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ListSubscriptionsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ListSubscriptionsResponse<'a> {
+  type Inner = ListSubscriptionsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ListSubscriptionsResponse<'a> {
+  pub const VT_SUBSCRIPTIONS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ListSubscriptionsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ListSubscriptionsResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ListSubscriptionsResponse<'bldr>> {
+    let mut builder = ListSubscriptionsResponseBuilder::new(_fbb);
+    if let Some(x) = args.subscriptions { builder.add_subscriptions(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn subscriptions(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SubscriptionInfo<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SubscriptionInfo>>>>(ListSubscriptionsResponse::VT_SUBSCRIPTIONS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ListSubscriptionsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<SubscriptionInfo>>>>("subscriptions", Self::VT_SUBSCRIPTIONS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ListSubscriptionsResponseArgs<'a> {
+    pub subscriptions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SubscriptionInfo<'a>>>>>,
+}
+impl<'a> Default for ListSubscriptionsResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ListSubscriptionsResponseArgs {
+      subscriptions: None,
+    }
+  }
+}
+
+pub struct ListSubscriptionsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ListSubscriptionsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_subscriptions(&mut self, subscriptions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<SubscriptionInfo<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ListSubscriptionsResponse::VT_SUBSCRIPTIONS, subscriptions);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ListSubscriptionsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ListSubscriptionsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ListSubscriptionsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ListSubscriptionsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ListSubscriptionsResponse");
+      ds.field("subscriptions", &self.subscriptions());
+      ds.finish()
+  }
+}
+pub enum ReceiveRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Receive up to `max_events` events of a subscription, each locked to the caller for the
+/// subscription's lock duration. With `max_wait_ms`, waits until at least one event is
+/// available or the time is up.
+pub struct ReceiveRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReceiveRequest<'a> {
+  type Inner = ReceiveRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReceiveRequest<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_MAX_EVENTS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_MAX_WAIT_MS: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReceiveRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReceiveRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReceiveRequest<'bldr>> {
+    let mut builder = ReceiveRequestBuilder::new(_fbb);
+    builder.add_max_wait_ms(args.max_wait_ms);
+    builder.add_max_events(args.max_events);
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ReceiveRequest::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn subscription(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ReceiveRequest::VT_SUBSCRIPTION, None).unwrap()}
+  }
+  #[inline]
+  pub fn max_events(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReceiveRequest::VT_MAX_EVENTS, Some(1)).unwrap()}
+  }
+  #[inline]
+  pub fn max_wait_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReceiveRequest::VT_MAX_WAIT_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReceiveRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("subscription", Self::VT_SUBSCRIPTION, true)?
+     .visit_field::<u32>("max_events", Self::VT_MAX_EVENTS, false)?
+     .visit_field::<u32>("max_wait_ms", Self::VT_MAX_WAIT_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReceiveRequestArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub subscription: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub max_events: u32,
+    pub max_wait_ms: u32,
+}
+impl<'a> Default for ReceiveRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReceiveRequestArgs {
+      topic: None, // required field
+      subscription: None, // required field
+      max_events: 1,
+      max_wait_ms: 0,
+    }
+  }
+}
+
+pub struct ReceiveRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReceiveRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceiveRequest::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceiveRequest::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn add_max_events(&mut self, max_events: u32) {
+    self.fbb_.push_slot::<u32>(ReceiveRequest::VT_MAX_EVENTS, max_events, 1);
+  }
+  #[inline]
+  pub fn add_max_wait_ms(&mut self, max_wait_ms: u32) {
+    self.fbb_.push_slot::<u32>(ReceiveRequest::VT_MAX_WAIT_MS, max_wait_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReceiveRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReceiveRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReceiveRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, ReceiveRequest::VT_TOPIC,"topic");
+    self.fbb_.required(o, ReceiveRequest::VT_SUBSCRIPTION,"subscription");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReceiveRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReceiveRequest");
+      ds.field("topic", &self.topic());
+      ds.field("subscription", &self.subscription());
+      ds.field("max_events", &self.max_events());
+      ds.field("max_wait_ms", &self.max_wait_ms());
+      ds.finish()
+  }
+}
+pub enum ReceivedEventOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ReceivedEvent<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReceivedEvent<'a> {
+  type Inner = ReceivedEvent<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReceivedEvent<'a> {
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 6;
+  pub const VT_DELIVERY_COUNT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LOCK_TOKEN: ::flatbuffers::VOffsetT = 10;
+  pub const VT_LOCKED_UNTIL_MS: ::flatbuffers::VOffsetT = 12;
+  pub const VT_RECORD: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReceivedEvent { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReceivedEventArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReceivedEvent<'bldr>> {
+    let mut builder = ReceivedEventBuilder::new(_fbb);
+    builder.add_locked_until_ms(args.locked_until_ms);
+    builder.add_offset(args.offset);
+    if let Some(x) = args.record { builder.add_record(x); }
+    if let Some(x) = args.lock_token { builder.add_lock_token(x); }
+    builder.add_delivery_count(args.delivery_count);
+    builder.add_partition(args.partition);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReceivedEvent::VT_PARTITION, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn offset(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReceivedEvent::VT_OFFSET, Some(0)).unwrap()}
+  }
+  /// 1 on the first delivery, one more on each redelivery.
+  #[inline]
+  pub fn delivery_count(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReceivedEvent::VT_DELIVERY_COUNT, Some(0)).unwrap()}
+  }
+  /// Names this delivery in ack, release, reject and renew.
+  #[inline]
+  pub fn lock_token(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ReceivedEvent::VT_LOCK_TOKEN, None)}
+  }
+  /// When the lock ends, milliseconds since the Unix epoch (broker clock).
+  #[inline]
+  pub fn locked_until_ms(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(ReceivedEvent::VT_LOCKED_UNTIL_MS, Some(0)).unwrap()}
+  }
+  /// The event: one record in the record layout (u32 length, then its fields), as stored.
+  #[inline]
+  pub fn record(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(ReceivedEvent::VT_RECORD, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReceivedEvent<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<u64>("offset", Self::VT_OFFSET, false)?
+     .visit_field::<u32>("delivery_count", Self::VT_DELIVERY_COUNT, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("lock_token", Self::VT_LOCK_TOKEN, false)?
+     .visit_field::<i64>("locked_until_ms", Self::VT_LOCKED_UNTIL_MS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("record", Self::VT_RECORD, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReceivedEventArgs<'a> {
+    pub partition: u32,
+    pub offset: u64,
+    pub delivery_count: u32,
+    pub lock_token: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub locked_until_ms: i64,
+    pub record: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for ReceivedEventArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReceivedEventArgs {
+      partition: 0,
+      offset: 0,
+      delivery_count: 0,
+      lock_token: None,
+      locked_until_ms: 0,
+      record: None,
+    }
+  }
+}
+
+pub struct ReceivedEventBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReceivedEventBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(ReceivedEvent::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_offset(&mut self, offset: u64) {
+    self.fbb_.push_slot::<u64>(ReceivedEvent::VT_OFFSET, offset, 0);
+  }
+  #[inline]
+  pub fn add_delivery_count(&mut self, delivery_count: u32) {
+    self.fbb_.push_slot::<u32>(ReceivedEvent::VT_DELIVERY_COUNT, delivery_count, 0);
+  }
+  #[inline]
+  pub fn add_lock_token(&mut self, lock_token: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceivedEvent::VT_LOCK_TOKEN, lock_token);
+  }
+  #[inline]
+  pub fn add_locked_until_ms(&mut self, locked_until_ms: i64) {
+    self.fbb_.push_slot::<i64>(ReceivedEvent::VT_LOCKED_UNTIL_MS, locked_until_ms, 0);
+  }
+  #[inline]
+  pub fn add_record(&mut self, record: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceivedEvent::VT_RECORD, record);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReceivedEventBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReceivedEventBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReceivedEvent<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReceivedEvent<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReceivedEvent");
+      ds.field("partition", &self.partition());
+      ds.field("offset", &self.offset());
+      ds.field("delivery_count", &self.delivery_count());
+      ds.field("lock_token", &self.lock_token());
+      ds.field("locked_until_ms", &self.locked_until_ms());
+      ds.field("record", &self.record());
+      ds.finish()
+  }
+}
+pub enum ReceiveResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ReceiveResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReceiveResponse<'a> {
+  type Inner = ReceiveResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReceiveResponse<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_EVENTS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReceiveResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReceiveResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReceiveResponse<'bldr>> {
+    let mut builder = ReceiveResponseBuilder::new(_fbb);
+    if let Some(x) = args.events { builder.add_events(x); }
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ReceiveResponse::VT_TOPIC, None)}
+  }
+  #[inline]
+  pub fn subscription(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ReceiveResponse::VT_SUBSCRIPTION, None)}
+  }
+  #[inline]
+  pub fn events(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReceivedEvent<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReceivedEvent>>>>(ReceiveResponse::VT_EVENTS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReceiveResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("subscription", Self::VT_SUBSCRIPTION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<ReceivedEvent>>>>("events", Self::VT_EVENTS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReceiveResponseArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub subscription: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub events: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<ReceivedEvent<'a>>>>>,
+}
+impl<'a> Default for ReceiveResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReceiveResponseArgs {
+      topic: None,
+      subscription: None,
+      events: None,
+    }
+  }
+}
+
+pub struct ReceiveResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReceiveResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceiveResponse::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceiveResponse::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn add_events(&mut self, events: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<ReceivedEvent<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceiveResponse::VT_EVENTS, events);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReceiveResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReceiveResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReceiveResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReceiveResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReceiveResponse");
+      ds.field("topic", &self.topic());
+      ds.field("subscription", &self.subscription());
+      ds.field("events", &self.events());
+      ds.finish()
+  }
+}
+pub enum SettleRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SettleRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SettleRequest<'a> {
+  type Inner = SettleRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SettleRequest<'a> {
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 4;
+  pub const VT_SUBSCRIPTION: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ACTION: ::flatbuffers::VOffsetT = 8;
+  pub const VT_LOCK_TOKENS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_RELEASE_DELAY_MS: ::flatbuffers::VOffsetT = 12;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SettleRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SettleRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SettleRequest<'bldr>> {
+    let mut builder = SettleRequestBuilder::new(_fbb);
+    builder.add_release_delay_ms(args.release_delay_ms);
+    if let Some(x) = args.lock_tokens { builder.add_lock_tokens(x); }
+    if let Some(x) = args.subscription { builder.add_subscription(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    builder.add_action(args.action);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SettleRequest::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn subscription(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SettleRequest::VT_SUBSCRIPTION, None).unwrap()}
+  }
+  #[inline]
+  pub fn action(&self) -> SettleAction {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<SettleAction>(SettleRequest::VT_ACTION, Some(SettleAction::Ack)).unwrap()}
+  }
+  #[inline]
+  pub fn lock_tokens(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(SettleRequest::VT_LOCK_TOKENS, None)}
+  }
+  /// For `Release`: the event is not delivered again before this delay.
+  #[inline]
+  pub fn release_delay_ms(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SettleRequest::VT_RELEASE_DELAY_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SettleRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("subscription", Self::VT_SUBSCRIPTION, true)?
+     .visit_field::<SettleAction>("action", Self::VT_ACTION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("lock_tokens", Self::VT_LOCK_TOKENS, false)?
+     .visit_field::<u32>("release_delay_ms", Self::VT_RELEASE_DELAY_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SettleRequestArgs<'a> {
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub subscription: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub action: SettleAction,
+    pub lock_tokens: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
+    pub release_delay_ms: u32,
+}
+impl<'a> Default for SettleRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SettleRequestArgs {
+      topic: None, // required field
+      subscription: None, // required field
+      action: SettleAction::Ack,
+      lock_tokens: None,
+      release_delay_ms: 0,
+    }
+  }
+}
+
+pub struct SettleRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SettleRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SettleRequest::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_subscription(&mut self, subscription: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SettleRequest::VT_SUBSCRIPTION, subscription);
+  }
+  #[inline]
+  pub fn add_action(&mut self, action: SettleAction) {
+    self.fbb_.push_slot::<SettleAction>(SettleRequest::VT_ACTION, action, SettleAction::Ack);
+  }
+  #[inline]
+  pub fn add_lock_tokens(&mut self, lock_tokens: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SettleRequest::VT_LOCK_TOKENS, lock_tokens);
+  }
+  #[inline]
+  pub fn add_release_delay_ms(&mut self, release_delay_ms: u32) {
+    self.fbb_.push_slot::<u32>(SettleRequest::VT_RELEASE_DELAY_MS, release_delay_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SettleRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SettleRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SettleRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, SettleRequest::VT_TOPIC,"topic");
+    self.fbb_.required(o, SettleRequest::VT_SUBSCRIPTION,"subscription");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SettleRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SettleRequest");
+      ds.field("topic", &self.topic());
+      ds.field("subscription", &self.subscription());
+      ds.field("action", &self.action());
+      ds.field("lock_tokens", &self.lock_tokens());
+      ds.field("release_delay_ms", &self.release_delay_ms());
+      ds.finish()
+  }
+}
+pub enum SettleResultOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct SettleResult<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SettleResult<'a> {
+  type Inner = SettleResult<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SettleResult<'a> {
+  pub const VT_LOCK_TOKEN: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ERROR: ::flatbuffers::VOffsetT = 6;
+  pub const VT_LOCKED_UNTIL_MS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SettleResult { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SettleResultArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SettleResult<'bldr>> {
+    let mut builder = SettleResultBuilder::new(_fbb);
+    builder.add_locked_until_ms(args.locked_until_ms);
+    if let Some(x) = args.error { builder.add_error(x); }
+    if let Some(x) = args.lock_token { builder.add_lock_token(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn lock_token(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(SettleResult::VT_LOCK_TOKEN, None)}
+  }
+  /// Absent on success; `LockLost` for a token whose lock expired or was settled.
+  #[inline]
+  pub fn error(&self) -> Option<Error<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Error>>(SettleResult::VT_ERROR, None)}
+  }
+  /// For `Renew`: the new end of the lock.
+  #[inline]
+  pub fn locked_until_ms(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(SettleResult::VT_LOCKED_UNTIL_MS, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SettleResult<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("lock_token", Self::VT_LOCK_TOKEN, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Error>>("error", Self::VT_ERROR, false)?
+     .visit_field::<i64>("locked_until_ms", Self::VT_LOCKED_UNTIL_MS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SettleResultArgs<'a> {
+    pub lock_token: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub error: Option<::flatbuffers::WIPOffset<Error<'a>>>,
+    pub locked_until_ms: i64,
+}
+impl<'a> Default for SettleResultArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SettleResultArgs {
+      lock_token: None,
+      error: None,
+      locked_until_ms: 0,
+    }
+  }
+}
+
+pub struct SettleResultBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SettleResultBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_lock_token(&mut self, lock_token: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SettleResult::VT_LOCK_TOKEN, lock_token);
+  }
+  #[inline]
+  pub fn add_error(&mut self, error: ::flatbuffers::WIPOffset<Error<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Error>>(SettleResult::VT_ERROR, error);
+  }
+  #[inline]
+  pub fn add_locked_until_ms(&mut self, locked_until_ms: i64) {
+    self.fbb_.push_slot::<i64>(SettleResult::VT_LOCKED_UNTIL_MS, locked_until_ms, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SettleResultBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SettleResultBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SettleResult<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SettleResult<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SettleResult");
+      ds.field("lock_token", &self.lock_token());
+      ds.field("error", &self.error());
+      ds.field("locked_until_ms", &self.locked_until_ms());
+      ds.finish()
+  }
+}
+pub enum SettleResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// One result per token, in the order of the request.
+pub struct SettleResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SettleResponse<'a> {
+  type Inner = SettleResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SettleResponse<'a> {
+  pub const VT_RESULTS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SettleResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SettleResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<SettleResponse<'bldr>> {
+    let mut builder = SettleResponseBuilder::new(_fbb);
+    if let Some(x) = args.results { builder.add_results(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn results(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SettleResult<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SettleResult>>>>(SettleResponse::VT_RESULTS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SettleResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<SettleResult>>>>("results", Self::VT_RESULTS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SettleResponseArgs<'a> {
+    pub results: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<SettleResult<'a>>>>>,
+}
+impl<'a> Default for SettleResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SettleResponseArgs {
+      results: None,
+    }
+  }
+}
+
+pub struct SettleResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SettleResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_results(&mut self, results: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<SettleResult<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(SettleResponse::VT_RESULTS, results);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SettleResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SettleResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SettleResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SettleResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SettleResponse");
+      ds.field("results", &self.results());
+      ds.finish()
+  }
+}
+pub enum PartitionOffsetOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct PartitionOffset<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PartitionOffset<'a> {
+  type Inner = PartitionOffset<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PartitionOffset<'a> {
+  pub const VT_PARTITION: ::flatbuffers::VOffsetT = 4;
+  pub const VT_OFFSET: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ERROR: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PartitionOffset { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PartitionOffsetArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<PartitionOffset<'bldr>> {
+    let mut builder = PartitionOffsetBuilder::new(_fbb);
+    builder.add_offset(args.offset);
+    if let Some(x) = args.error { builder.add_error(x); }
+    builder.add_partition(args.partition);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn partition(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PartitionOffset::VT_PARTITION, Some(0)).unwrap()}
+  }
+  /// The next offset the group will read; -1 in a fetch: nothing committed.
+  #[inline]
+  pub fn offset(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(PartitionOffset::VT_OFFSET, Some(-1)).unwrap()}
+  }
+  /// Set when this partition's offset could not be committed or read.
+  #[inline]
+  pub fn error(&self) -> Option<Error<'a>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<Error>>(PartitionOffset::VT_ERROR, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PartitionOffset<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("partition", Self::VT_PARTITION, false)?
+     .visit_field::<i64>("offset", Self::VT_OFFSET, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<Error>>("error", Self::VT_ERROR, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PartitionOffsetArgs<'a> {
+    pub partition: u32,
+    pub offset: i64,
+    pub error: Option<::flatbuffers::WIPOffset<Error<'a>>>,
+}
+impl<'a> Default for PartitionOffsetArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    PartitionOffsetArgs {
+      partition: 0,
+      offset: -1,
+      error: None,
+    }
+  }
+}
+
+pub struct PartitionOffsetBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PartitionOffsetBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_partition(&mut self, partition: u32) {
+    self.fbb_.push_slot::<u32>(PartitionOffset::VT_PARTITION, partition, 0);
+  }
+  #[inline]
+  pub fn add_offset(&mut self, offset: i64) {
+    self.fbb_.push_slot::<i64>(PartitionOffset::VT_OFFSET, offset, -1);
+  }
+  #[inline]
+  pub fn add_error(&mut self, error: ::flatbuffers::WIPOffset<Error<'b >>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<Error>>(PartitionOffset::VT_ERROR, error);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PartitionOffsetBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PartitionOffsetBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PartitionOffset<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PartitionOffset<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PartitionOffset");
+      ds.field("partition", &self.partition());
+      ds.field("offset", &self.offset());
+      ds.field("error", &self.error());
+      ds.finish()
+  }
+}
+pub enum CommitOffsetsRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CommitOffsetsRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CommitOffsetsRequest<'a> {
+  type Inner = CommitOffsetsRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CommitOffsetsRequest<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 6;
+  pub const VT_OFFSETS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CommitOffsetsRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CommitOffsetsRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CommitOffsetsRequest<'bldr>> {
+    let mut builder = CommitOffsetsRequestBuilder::new(_fbb);
+    if let Some(x) = args.offsets { builder.add_offsets(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CommitOffsetsRequest::VT_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CommitOffsetsRequest::VT_TOPIC, None).unwrap()}
+  }
+  #[inline]
+  pub fn offsets(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionOffset<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionOffset>>>>(CommitOffsetsRequest::VT_OFFSETS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CommitOffsetsRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<PartitionOffset>>>>("offsets", Self::VT_OFFSETS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CommitOffsetsRequestArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub offsets: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionOffset<'a>>>>>,
+}
+impl<'a> Default for CommitOffsetsRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CommitOffsetsRequestArgs {
+      group: None, // required field
+      topic: None, // required field
+      offsets: None,
+    }
+  }
+}
+
+pub struct CommitOffsetsRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CommitOffsetsRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CommitOffsetsRequest::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CommitOffsetsRequest::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_offsets(&mut self, offsets: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<PartitionOffset<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CommitOffsetsRequest::VT_OFFSETS, offsets);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CommitOffsetsRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CommitOffsetsRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CommitOffsetsRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, CommitOffsetsRequest::VT_GROUP,"group");
+    self.fbb_.required(o, CommitOffsetsRequest::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CommitOffsetsRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CommitOffsetsRequest");
+      ds.field("group", &self.group());
+      ds.field("topic", &self.topic());
+      ds.field("offsets", &self.offsets());
+      ds.finish()
+  }
+}
+pub enum CommitOffsetsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct CommitOffsetsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CommitOffsetsResponse<'a> {
+  type Inner = CommitOffsetsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CommitOffsetsResponse<'a> {
+  pub const VT_OFFSETS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CommitOffsetsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CommitOffsetsResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CommitOffsetsResponse<'bldr>> {
+    let mut builder = CommitOffsetsResponseBuilder::new(_fbb);
+    if let Some(x) = args.offsets { builder.add_offsets(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn offsets(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionOffset<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionOffset>>>>(CommitOffsetsResponse::VT_OFFSETS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CommitOffsetsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<PartitionOffset>>>>("offsets", Self::VT_OFFSETS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CommitOffsetsResponseArgs<'a> {
+    pub offsets: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionOffset<'a>>>>>,
+}
+impl<'a> Default for CommitOffsetsResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CommitOffsetsResponseArgs {
+      offsets: None,
+    }
+  }
+}
+
+pub struct CommitOffsetsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CommitOffsetsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_offsets(&mut self, offsets: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<PartitionOffset<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CommitOffsetsResponse::VT_OFFSETS, offsets);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CommitOffsetsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CommitOffsetsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CommitOffsetsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CommitOffsetsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CommitOffsetsResponse");
+      ds.field("offsets", &self.offsets());
+      ds.finish()
+  }
+}
+pub enum FetchOffsetsRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct FetchOffsetsRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for FetchOffsetsRequest<'a> {
+  type Inner = FetchOffsetsRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> FetchOffsetsRequest<'a> {
+  pub const VT_GROUP: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TOPIC: ::flatbuffers::VOffsetT = 6;
+  pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    FetchOffsetsRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args FetchOffsetsRequestArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<FetchOffsetsRequest<'bldr>> {
+    let mut builder = FetchOffsetsRequestBuilder::new(_fbb);
+    if let Some(x) = args.partitions { builder.add_partitions(x); }
+    if let Some(x) = args.topic { builder.add_topic(x); }
+    if let Some(x) = args.group { builder.add_group(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn group(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(FetchOffsetsRequest::VT_GROUP, None).unwrap()}
+  }
+  #[inline]
+  pub fn topic(&self) -> &'a str {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(FetchOffsetsRequest::VT_TOPIC, None).unwrap()}
+  }
+  /// Partitions to read; empty or absent: all of the topic's.
+  #[inline]
+  pub fn partitions(&self) -> Option<::flatbuffers::Vector<'a, u32>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u32>>>(FetchOffsetsRequest::VT_PARTITIONS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for FetchOffsetsRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("group", Self::VT_GROUP, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("topic", Self::VT_TOPIC, true)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u32>>>("partitions", Self::VT_PARTITIONS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct FetchOffsetsRequestArgs<'a> {
+    pub group: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub topic: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub partitions: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u32>>>,
+}
+impl<'a> Default for FetchOffsetsRequestArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    FetchOffsetsRequestArgs {
+      group: None, // required field
+      topic: None, // required field
+      partitions: None,
+    }
+  }
+}
+
+pub struct FetchOffsetsRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchOffsetsRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_group(&mut self, group: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchOffsetsRequest::VT_GROUP, group);
+  }
+  #[inline]
+  pub fn add_topic(&mut self, topic: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchOffsetsRequest::VT_TOPIC, topic);
+  }
+  #[inline]
+  pub fn add_partitions(&mut self, partitions: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u32>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchOffsetsRequest::VT_PARTITIONS, partitions);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchOffsetsRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    FetchOffsetsRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<FetchOffsetsRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    self.fbb_.required(o, FetchOffsetsRequest::VT_GROUP,"group");
+    self.fbb_.required(o, FetchOffsetsRequest::VT_TOPIC,"topic");
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for FetchOffsetsRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("FetchOffsetsRequest");
+      ds.field("group", &self.group());
+      ds.field("topic", &self.topic());
+      ds.field("partitions", &self.partitions());
+      ds.finish()
+  }
+}
+pub enum FetchOffsetsResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct FetchOffsetsResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for FetchOffsetsResponse<'a> {
+  type Inner = FetchOffsetsResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> FetchOffsetsResponse<'a> {
+  pub const VT_OFFSETS: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    FetchOffsetsResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args FetchOffsetsResponseArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<FetchOffsetsResponse<'bldr>> {
+    let mut builder = FetchOffsetsResponseBuilder::new(_fbb);
+    if let Some(x) = args.offsets { builder.add_offsets(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn offsets(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionOffset<'a>>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionOffset>>>>(FetchOffsetsResponse::VT_OFFSETS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for FetchOffsetsResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<PartitionOffset>>>>("offsets", Self::VT_OFFSETS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct FetchOffsetsResponseArgs<'a> {
+    pub offsets: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<PartitionOffset<'a>>>>>,
+}
+impl<'a> Default for FetchOffsetsResponseArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    FetchOffsetsResponseArgs {
+      offsets: None,
+    }
+  }
+}
+
+pub struct FetchOffsetsResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> FetchOffsetsResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_offsets(&mut self, offsets: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<PartitionOffset<'b >>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(FetchOffsetsResponse::VT_OFFSETS, offsets);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> FetchOffsetsResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    FetchOffsetsResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<FetchOffsetsResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for FetchOffsetsResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("FetchOffsetsResponse");
+      ds.field("offsets", &self.offsets());
+      ds.finish()
+  }
+}
 pub enum RequestOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -3450,6 +6471,111 @@ impl<'a> Request<'a> {
 
   #[inline]
   #[allow(non_snake_case)]
+  pub fn body_as_create_subscription_request(&self) -> Option<CreateSubscriptionRequest<'a>> {
+    if self.body_type() == RequestBody::CreateSubscriptionRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CreateSubscriptionRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_delete_subscription_request(&self) -> Option<DeleteSubscriptionRequest<'a>> {
+    if self.body_type() == RequestBody::DeleteSubscriptionRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeleteSubscriptionRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_list_subscriptions_request(&self) -> Option<ListSubscriptionsRequest<'a>> {
+    if self.body_type() == RequestBody::ListSubscriptionsRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ListSubscriptionsRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_receive_request(&self) -> Option<ReceiveRequest<'a>> {
+    if self.body_type() == RequestBody::ReceiveRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ReceiveRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_settle_request(&self) -> Option<SettleRequest<'a>> {
+    if self.body_type() == RequestBody::SettleRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SettleRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_commit_offsets_request(&self) -> Option<CommitOffsetsRequest<'a>> {
+    if self.body_type() == RequestBody::CommitOffsetsRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CommitOffsetsRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_fetch_offsets_request(&self) -> Option<FetchOffsetsRequest<'a>> {
+    if self.body_type() == RequestBody::FetchOffsetsRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { FetchOffsetsRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
   pub fn body_as_stats_request(&self) -> Option<StatsRequest<'a>> {
     if self.body_type() == RequestBody::StatsRequest {
       self.body().map(|t| {
@@ -3480,6 +6606,13 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           RequestBody::MetadataRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MetadataRequest>>("RequestBody::MetadataRequest", pos),
           RequestBody::ProduceRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ProduceRequest>>("RequestBody::ProduceRequest", pos),
           RequestBody::FetchRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchRequest>>("RequestBody::FetchRequest", pos),
+          RequestBody::CreateSubscriptionRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CreateSubscriptionRequest>>("RequestBody::CreateSubscriptionRequest", pos),
+          RequestBody::DeleteSubscriptionRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteSubscriptionRequest>>("RequestBody::DeleteSubscriptionRequest", pos),
+          RequestBody::ListSubscriptionsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListSubscriptionsRequest>>("RequestBody::ListSubscriptionsRequest", pos),
+          RequestBody::ReceiveRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReceiveRequest>>("RequestBody::ReceiveRequest", pos),
+          RequestBody::SettleRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SettleRequest>>("RequestBody::SettleRequest", pos),
+          RequestBody::CommitOffsetsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CommitOffsetsRequest>>("RequestBody::CommitOffsetsRequest", pos),
+          RequestBody::FetchOffsetsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchOffsetsRequest>>("RequestBody::FetchOffsetsRequest", pos),
           RequestBody::StatsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatsRequest>>("RequestBody::StatsRequest", pos),
           _ => Ok(()),
         }
@@ -3579,6 +6712,55 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         RequestBody::FetchRequest => {
           if let Some(x) = self.body_as_fetch_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::CreateSubscriptionRequest => {
+          if let Some(x) = self.body_as_create_subscription_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::DeleteSubscriptionRequest => {
+          if let Some(x) = self.body_as_delete_subscription_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::ListSubscriptionsRequest => {
+          if let Some(x) = self.body_as_list_subscriptions_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::ReceiveRequest => {
+          if let Some(x) = self.body_as_receive_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::SettleRequest => {
+          if let Some(x) = self.body_as_settle_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::CommitOffsetsRequest => {
+          if let Some(x) = self.body_as_commit_offsets_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::FetchOffsetsRequest => {
+          if let Some(x) = self.body_as_fetch_offsets_request() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -3759,6 +6941,111 @@ impl<'a> Response<'a> {
 
   #[inline]
   #[allow(non_snake_case)]
+  pub fn body_as_create_subscription_response(&self) -> Option<CreateSubscriptionResponse<'a>> {
+    if self.body_type() == ResponseBody::CreateSubscriptionResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CreateSubscriptionResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_delete_subscription_response(&self) -> Option<DeleteSubscriptionResponse<'a>> {
+    if self.body_type() == ResponseBody::DeleteSubscriptionResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { DeleteSubscriptionResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_list_subscriptions_response(&self) -> Option<ListSubscriptionsResponse<'a>> {
+    if self.body_type() == ResponseBody::ListSubscriptionsResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ListSubscriptionsResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_receive_response(&self) -> Option<ReceiveResponse<'a>> {
+    if self.body_type() == ResponseBody::ReceiveResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ReceiveResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_settle_response(&self) -> Option<SettleResponse<'a>> {
+    if self.body_type() == ResponseBody::SettleResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SettleResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_commit_offsets_response(&self) -> Option<CommitOffsetsResponse<'a>> {
+    if self.body_type() == ResponseBody::CommitOffsetsResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CommitOffsetsResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_fetch_offsets_response(&self) -> Option<FetchOffsetsResponse<'a>> {
+    if self.body_type() == ResponseBody::FetchOffsetsResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { FetchOffsetsResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
   pub fn body_as_stats_response(&self) -> Option<StatsResponse<'a>> {
     if self.body_type() == ResponseBody::StatsResponse {
       self.body().map(|t| {
@@ -3790,6 +7077,13 @@ impl ::flatbuffers::Verifiable for Response<'_> {
           ResponseBody::MetadataResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<MetadataResponse>>("ResponseBody::MetadataResponse", pos),
           ResponseBody::ProduceResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ProduceResponse>>("ResponseBody::ProduceResponse", pos),
           ResponseBody::FetchResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchResponse>>("ResponseBody::FetchResponse", pos),
+          ResponseBody::CreateSubscriptionResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CreateSubscriptionResponse>>("ResponseBody::CreateSubscriptionResponse", pos),
+          ResponseBody::DeleteSubscriptionResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<DeleteSubscriptionResponse>>("ResponseBody::DeleteSubscriptionResponse", pos),
+          ResponseBody::ListSubscriptionsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ListSubscriptionsResponse>>("ResponseBody::ListSubscriptionsResponse", pos),
+          ResponseBody::ReceiveResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReceiveResponse>>("ResponseBody::ReceiveResponse", pos),
+          ResponseBody::SettleResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SettleResponse>>("ResponseBody::SettleResponse", pos),
+          ResponseBody::CommitOffsetsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CommitOffsetsResponse>>("ResponseBody::CommitOffsetsResponse", pos),
+          ResponseBody::FetchOffsetsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchOffsetsResponse>>("ResponseBody::FetchOffsetsResponse", pos),
           ResponseBody::StatsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatsResponse>>("ResponseBody::StatsResponse", pos),
           _ => Ok(()),
         }
@@ -3896,6 +7190,55 @@ impl ::core::fmt::Debug for Response<'_> {
         },
         ResponseBody::FetchResponse => {
           if let Some(x) = self.body_as_fetch_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::CreateSubscriptionResponse => {
+          if let Some(x) = self.body_as_create_subscription_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::DeleteSubscriptionResponse => {
+          if let Some(x) = self.body_as_delete_subscription_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::ListSubscriptionsResponse => {
+          if let Some(x) = self.body_as_list_subscriptions_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::ReceiveResponse => {
+          if let Some(x) = self.body_as_receive_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::SettleResponse => {
+          if let Some(x) = self.body_as_settle_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::CommitOffsetsResponse => {
+          if let Some(x) = self.body_as_commit_offsets_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::FetchOffsetsResponse => {
+          if let Some(x) = self.body_as_fetch_offsets_response() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

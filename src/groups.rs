@@ -1,0 +1,130 @@
+//! Consumer-group offsets of one partition: for each group, the next offset it will read
+//! (Kafka's committed offset), kept durably by the shard that owns the partition in a state
+//! log next to the partition's segments (`consumer-offsets.state`).
+//!
+//! Owns the map and its record format; knows nothing of shards or the wire protocol.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::rc::{Rc, Weak};
+
+use crate::storage::{Durability, SnapshotSource, StateLog, StorageError};
+
+/// Longest consumer-group name accepted, in bytes.
+pub const MAX_GROUP_NAME_BYTES: usize = 255;
+
+/// The offsets file of the partition in `dir`.
+pub fn offsets_path(dir: &Path) -> PathBuf {
+    dir.join("consumer-offsets.state")
+}
+
+/// Checks a consumer-group name: 1..=255 bytes, no control characters.
+pub fn validate_group(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_GROUP_NAME_BYTES {
+        return Err(format!(
+            "group name must be 1..={MAX_GROUP_NAME_BYTES} bytes, got {}",
+            name.len()
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err("group name may not hold control characters".into());
+    }
+    Ok(())
+}
+
+fn encode(group: &str, offset: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(10 + group.len());
+    out.extend_from_slice(&(group.len() as u16).to_le_bytes());
+    out.extend_from_slice(group.as_bytes());
+    out.extend_from_slice(&offset.to_le_bytes());
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<(String, u64)> {
+    let len = u16::from_le_bytes([*bytes.first()?, *bytes.get(1)?]) as usize;
+    let name = bytes.get(2..2 + len)?;
+    let offset = bytes.get(2 + len..2 + len + 8)?;
+    if bytes.len() != 2 + len + 8 {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    b.copy_from_slice(offset);
+    Some((
+        String::from_utf8(name.to_vec()).ok()?,
+        u64::from_le_bytes(b),
+    ))
+}
+
+/// The committed offsets of one partition.
+pub struct GroupOffsets {
+    offsets: RefCell<BTreeMap<String, u64>>,
+    store: Rc<StateLog>,
+}
+
+impl SnapshotSource for GroupOffsets {
+    fn snapshot(&self) -> Vec<Vec<u8>> {
+        self.offsets
+            .borrow()
+            .iter()
+            .map(|(g, &o)| encode(g, o))
+            .collect()
+    }
+}
+
+impl GroupOffsets {
+    /// Opens (or creates) the offsets of the partition whose directory is `dir`.
+    pub async fn open(dir: &Path, durability: Durability) -> Result<Rc<Self>, StorageError> {
+        let path = offsets_path(dir);
+        let (store, offsets) = match StateLog::open(&path, durability).await? {
+            Some((store, records)) => {
+                let mut offsets = BTreeMap::new();
+                for r in &records {
+                    let (group, offset) = decode(r).ok_or_else(|| {
+                        StorageError::Corrupt(format!("{}: malformed record", path.display()))
+                    })?;
+                    offsets.insert(group, offset);
+                }
+                (store, offsets)
+            }
+            None => (
+                StateLog::create(&path, Vec::new(), durability).await?,
+                BTreeMap::new(),
+            ),
+        };
+        let this = Rc::new(Self {
+            offsets: RefCell::new(offsets),
+            store: Rc::clone(&store),
+        });
+        let weak: Weak<dyn SnapshotSource> =
+            Rc::downgrade(&(Rc::clone(&this) as Rc<dyn SnapshotSource>));
+        store.set_snapshot_source(weak);
+        Ok(this)
+    }
+
+    /// The group's committed offset.
+    pub fn get(&self, group: &str) -> Option<u64> {
+        self.offsets.borrow().get(group).copied()
+    }
+
+    /// Commits `offset` for `group`; returns once it is durable.
+    pub async fn commit(&self, group: &str, offset: u64) -> Result<(), StorageError> {
+        self.offsets.borrow_mut().insert(group.to_string(), offset);
+        let seq = self.store.append(&encode(group, offset));
+        self.store.durable(seq).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip() {
+        let bytes = encode("billing", 42);
+        assert_eq!(decode(&bytes), Some(("billing".to_string(), 42)));
+        assert_eq!(decode(&bytes[..bytes.len() - 1]), None);
+        assert!(validate_group("").is_err());
+        assert!(validate_group("a\nb").is_err());
+    }
+}
