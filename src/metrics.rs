@@ -135,6 +135,31 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "Error replies, by error code.",
     ),
+    (
+        "corebus_subscription_backlog",
+        "gauge",
+        "Events of a subscription waiting for delivery or not looked at yet.",
+    ),
+    (
+        "corebus_subscription_locked",
+        "gauge",
+        "Events of a subscription locked by receivers now.",
+    ),
+    (
+        "corebus_subscription_acked_total",
+        "counter",
+        "Events of a subscription acknowledged.",
+    ),
+    (
+        "corebus_subscription_dead_lettered_total",
+        "counter",
+        "Events of a subscription sent to its dead-letter topic.",
+    ),
+    (
+        "corebus_subscription_dropped_total",
+        "counter",
+        "Events of a subscription dropped for want of a dead-letter topic.",
+    ),
 ];
 
 /// A histogram with fixed buckets.
@@ -230,6 +255,17 @@ pub fn render(samples: &Samples) -> String {
         };
         let _ = writeln!(out, "# HELP {name} {help}");
         let _ = writeln!(out, "# TYPE {name} {kind}");
+        for line in lines {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    // A family missing from FAMILIES is still exported, untyped, rather than lost.
+    for (name, lines) in samples {
+        if FAMILIES.iter().any(|(n, _, _)| n == name) {
+            continue;
+        }
+        let _ = writeln!(out, "# TYPE {name} untyped");
         for line in lines {
             out.push_str(line);
             out.push('\n');

@@ -97,6 +97,15 @@ fn metrics_move_with_the_load() {
     wait_until("connection gauge", Duration::from_secs(10), || {
         metric(&scrape(&metrics_addr), "corebus_connections", "") >= 1.0
     });
+    // Subscription backlog and dead letters.
+    ok_stdout(&broker.cli(&["subscription", "create", "m", "watch"], ""));
+    wait_until("subscription backlog", Duration::from_secs(10), || {
+        metric(
+            &scrape(&metrics_addr),
+            "corebus_subscription_backlog",
+            "subscription=\"watch\"",
+        ) == 5000.0
+    });
     let stats = ok_stdout(&broker.cli(&["stats", "--interval", "100ms"], ""));
     assert!(
         stats

@@ -186,6 +186,36 @@ impl Shard {
             &shard,
             self.requests_in_flight(),
         );
+        for topic in self.topics().keys() {
+            for (name, _) in self.subscriptions_of(topic) {
+                let f = self.stats_local(topic, &name);
+                let labels = format!(
+                    "{shard},topic={},subscription={}",
+                    label(topic),
+                    label(&name)
+                );
+                sample(&mut out, "corebus_subscription_backlog", &labels, f.backlog);
+                sample(&mut out, "corebus_subscription_locked", &labels, f.locked);
+                sample(
+                    &mut out,
+                    "corebus_subscription_acked_total",
+                    &labels,
+                    f.acked,
+                );
+                sample(
+                    &mut out,
+                    "corebus_subscription_dead_lettered_total",
+                    &labels,
+                    f.dead_lettered,
+                );
+                sample(
+                    &mut out,
+                    "corebus_subscription_dropped_total",
+                    &labels,
+                    f.dropped,
+                );
+            }
+        }
         for (code, n) in m.errors.borrow().iter() {
             sample(
                 &mut out,

@@ -524,8 +524,8 @@ impl Shard {
                     out.extend(events);
                 }
                 Err(e) => {
-                    eprintln!(
-                        "corebus: receive from {topic}/{} for subscription {name} failed: {e}",
+                    tracing::warn!(
+                        "receive from {topic}/{} for subscription {name} failed: {e}",
                         sp.partition
                     );
                     failure.get_or_insert(storage_to_api(e));
@@ -803,9 +803,12 @@ impl Shard {
         let Some((dl_topic, dl_partitions)) = target else {
             for dl in &items {
                 if let Some(t) = &sp.config.dead_letter_topic {
-                    eprintln!(
-                        "corebus: {}/{} subscription {}: dead-letter topic '{t}' is gone; event {} dropped",
-                        sp.topic, sp.partition, sp.name, dl.offset
+                    tracing::warn!(
+                        "{}/{} subscription {}: dead-letter topic '{t}' is gone; event {} dropped",
+                        sp.topic,
+                        sp.partition,
+                        sp.name,
+                        dl.offset
                     );
                 }
                 seq = sp.settle_dead_letter(dl.offset, false);
@@ -822,9 +825,12 @@ impl Shard {
             if written {
                 included.push(dl.offset);
             } else {
-                eprintln!(
-                    "corebus: {}/{} subscription {}: event {} is gone from the log; dropped",
-                    sp.topic, sp.partition, sp.name, dl.offset
+                tracing::warn!(
+                    "{}/{} subscription {}: event {} is gone from the log; dropped",
+                    sp.topic,
+                    sp.partition,
+                    sp.name,
+                    dl.offset
                 );
                 seq = sp.settle_dead_letter(dl.offset, false);
             }
@@ -865,16 +871,18 @@ impl Shard {
             match self.dead_letter(&sp, items.clone()).await {
                 Ok(seq) => {
                     if let Err(e) = sp.durable(seq).await {
-                        eprintln!(
-                            "corebus: {}/{} subscription {}: recording dead letters failed: {e}",
-                            sp.topic, sp.partition, sp.name
+                        tracing::warn!(
+                            "{}/{} subscription {}: recording dead letters failed: {e}",
+                            sp.topic,
+                            sp.partition,
+                            sp.name
                         );
                         break;
                     }
                 }
                 Err(e) => {
-                    eprintln!(
-                        "corebus: {}/{} subscription {}: dead-lettering {} events failed ({e}); retrying",
+                    tracing::warn!(
+                        "{}/{} subscription {}: dead-lettering {} events failed ({e}); retrying",
                         sp.topic,
                         sp.partition,
                         sp.name,

@@ -189,8 +189,8 @@ impl StateLog {
                 let (records, valid) = parse(&bytes);
                 let records: Vec<Vec<u8>> = records.into_iter().map(<[u8]>::to_vec).collect();
                 if valid < bytes.len() {
-                    eprintln!(
-                        "corebus: {}: cutting a torn tail of {} bytes after {} records",
+                    tracing::warn!(
+                        "{}: cutting a torn tail of {} bytes after {} records",
                         owned.display(),
                         bytes.len() - valid,
                         records.len()
@@ -400,7 +400,7 @@ impl StateLog {
             Err(error) => {
                 // As with the partition logs: a failed write or sync is never retried (the
                 // kernel may have dropped the dirty pages), the state turns read-only.
-                eprintln!("corebus: FATAL: {error}; this state is read-only until restart");
+                tracing::error!("FATAL: {error}; this state is read-only until restart");
                 inner.failed = Some(error.to_string());
                 for (_, tx) in inner.waiters.drain(..) {
                     let _ = tx.send(Err(error.clone()));
@@ -441,7 +441,7 @@ impl StateLog {
                 inner.snapshot_bytes = len;
             }
             Err(e) => {
-                eprintln!("corebus: FATAL: compacting {}: {e}", self.path.display());
+                tracing::error!("FATAL: compacting {}: {e}", self.path.display());
                 inner.failed = Some(e.to_string());
                 for (_, tx) in inner.waiters.drain(..) {
                     let _ = tx.send(Err(e.clone()));

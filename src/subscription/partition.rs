@@ -387,9 +387,12 @@ impl SubscriptionPartition {
                         out.push(self.delivered(lease, record.clone()));
                     }
                     None => {
-                        eprintln!(
-                            "corebus: {}/{} subscription {}: event {} is gone from the log; dropped",
-                            self.topic, self.partition, self.name, lease.offset
+                        tracing::warn!(
+                            "{}/{} subscription {}: event {} is gone from the log; dropped",
+                            self.topic,
+                            self.partition,
+                            self.name,
+                            lease.offset
                         );
                         let op = self.state.borrow_mut().forget(lease.offset);
                         if let Some(op) = op {
@@ -423,8 +426,8 @@ impl SubscriptionPartition {
                 Err(StorageError::Corrupt(why)) => match self.log.corrupt_range_around(from) {
                     // Known-corrupt offsets can never be delivered: move past them.
                     Some((_, last)) => {
-                        eprintln!(
-                            "corebus: {}/{} subscription {}: skipping unreadable offsets {from}..={last}: {why}",
+                        tracing::warn!(
+                            "{}/{} subscription {}: skipping unreadable offsets {from}..={last}: {why}",
                             self.topic, self.partition, self.name
                         );
                         self.state.borrow_mut().skip_to(last + 1);
