@@ -93,7 +93,21 @@ pub fn messages_per_batch(args: &Args) -> usize {
 }
 
 async fn send(shared: &Shared, partition: u32, bytes: &[u8], sent: &[u64]) {
-    let result = shared.client.produce(&shared.topic, partition, bytes).await;
+    match shared
+        .client
+        .produce_submit(&shared.topic, partition, bytes)
+        .await
+    {
+        Ok(reply) => complete(shared, partition, reply, sent).await,
+        Err(e) => shared
+            .stats
+            .error(format!("produce to partition {partition}: {e}")),
+    }
+}
+
+/// Waits for a produce's reply and records its messages.
+async fn complete(shared: &Shared, partition: u32, reply: corebus::client::Reply, sent: &[u64]) {
+    let result = corebus::client::produce_result(reply, partition).await;
     let acked_ns = shared.clock.now_ns();
     match result {
         Ok((_, last)) => {
@@ -187,9 +201,24 @@ async fn open_loop(shared: Rc<Shared>, cursor: Rc<Cursor>, rate: u64) {
         let Ok(permit) = permits.acquire_static_permit(1).await else {
             break;
         };
+        // Queue in order here (a partition's batches reach the broker in the order built),
+        // then wait for the reply in a task of its own.
+        let reply = match shared
+            .client
+            .produce_submit(&shared.topic, partition, &bytes)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(e) => {
+                shared
+                    .stats
+                    .error(format!("produce to partition {partition}: {e}"));
+                continue;
+            }
+        };
         let shared = Rc::clone(&shared);
         glommio::spawn_local(async move {
-            send(&shared, partition, &bytes, &sent).await;
+            complete(&shared, partition, reply, &sent).await;
             drop(permit);
         })
         .detach();

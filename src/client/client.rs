@@ -8,7 +8,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use flatbuffers::FlatBufferBuilder;
 
-use super::connection::Connection;
+use super::connection::{Connection, Reply};
 use super::requests;
 use super::ClientError;
 use crate::protocol::message::{finish_request, parse_response, ApiError};
@@ -366,6 +366,19 @@ impl Client {
         produce_on(&conn, topic, partition, batches).await
     }
 
+    /// Queues a produce to one partition and returns its reply to wait for (see
+    /// [`produce_result`]). Produces queued one after another reach the broker in that order.
+    pub async fn produce_submit(
+        &self,
+        topic: &str,
+        partition: u32,
+        batches: &[u8],
+    ) -> Result<Reply, ClientError> {
+        let conn = self.connection_for(topic, partition).await?;
+        conn.submit(|id| requests::produce(id, topic, partition, batches))
+            .await
+    }
+
     /// Fetches from one partition, starting with the batch that holds `offset`.
     pub async fn fetch(
         &self,
@@ -387,9 +400,15 @@ pub async fn produce_on(
     partition: u32,
     batches: &[u8],
 ) -> Result<(u64, u64), ClientError> {
-    let frame = conn
-        .call(|id| requests::produce(id, topic, partition, batches))
+    let reply = conn
+        .submit(|id| requests::produce(id, topic, partition, batches))
         .await?;
+    produce_result(reply, partition).await
+}
+
+/// Waits for a queued produce's reply: the offsets of its first and last record.
+pub async fn produce_result(reply: Reply, partition: u32) -> Result<(u64, u64), ClientError> {
+    let frame = reply.wait().await?;
     let response = parse_response(&frame)?;
     let body = expect_body(response.body_as_produce_response(), "produce result")?;
     let result = body

@@ -87,14 +87,13 @@ impl Connection {
         self.closed.get()
     }
 
-    /// Sends the request that `build` makes for a fresh correlation id and waits for its
-    /// reply frame (verified; its envelope error, if any, is returned as `ClientError::Api`).
-    pub async fn call(&self, build: impl FnOnce(u64) -> OutFrame) -> Result<Bytes, ClientError> {
+    /// Queues the request that `build` makes for a fresh correlation id and returns the
+    /// reply to wait for. Requests go on the wire in the order they are queued, so a caller
+    /// that queues in order gets its requests applied in order.
+    pub async fn submit(&self, build: impl FnOnce(u64) -> OutFrame) -> Result<Reply, ClientError> {
+        let closed = || ClientError::Closed(format!("connection to {} is closed", self.addr));
         if self.closed.get() {
-            return Err(ClientError::Closed(format!(
-                "connection to {} is closed",
-                self.addr
-            )));
+            return Err(closed());
         }
         let id = self.next_id.get();
         self.next_id.set(id.wrapping_add(1).max(1));
@@ -102,12 +101,31 @@ impl Connection {
         self.waiters.borrow_mut().insert(id, tx);
         if self.outbox.send(build(id)).await.is_err() {
             self.waiters.borrow_mut().remove(&id);
-            return Err(ClientError::Closed(format!(
-                "connection to {} is closed",
-                self.addr
-            )));
+            return Err(closed());
         }
-        match rx.await {
+        Ok(Reply {
+            rx,
+            addr: self.addr,
+        })
+    }
+
+    /// Sends the request that `build` makes for a fresh correlation id and waits for its
+    /// reply frame (verified; its envelope error, if any, is returned as `ClientError::Api`).
+    pub async fn call(&self, build: impl FnOnce(u64) -> OutFrame) -> Result<Bytes, ClientError> {
+        self.submit(build).await?.wait().await
+    }
+}
+
+/// A queued request's reply.
+pub struct Reply {
+    rx: oneshot::Receiver<Result<Bytes, ClientError>>,
+    addr: SocketAddr,
+}
+
+impl Reply {
+    /// Waits for the reply frame.
+    pub async fn wait(self) -> Result<Bytes, ClientError> {
+        match self.rx.await {
             Ok(result) => result,
             Err(_) => Err(ClientError::Closed(format!(
                 "connection to {} closed before the reply",

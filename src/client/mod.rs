@@ -14,10 +14,10 @@ mod subscriptions;
 
 pub use crate::subscription::partition::SettleAction;
 pub use client::{
-    fetch_on, produce_on, Client, ClientOptions, Fetched, Metadata, PartitionInfo, PartitionStats,
-    Stats,
+    fetch_on, produce_on, produce_result, Client, ClientOptions, Fetched, Metadata, PartitionInfo,
+    PartitionStats, Stats,
 };
-pub use connection::Connection;
+pub use connection::{Connection, Reply};
 pub use producer::{Producer, ProducerOptions};
 pub use subscriptions::{ReceivedEvent, SettleResult, SubscriptionInfo, SubscriptionStats};
 

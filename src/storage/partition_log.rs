@@ -344,13 +344,15 @@ impl PartitionLog {
         append_time_ms: i64,
     ) -> Result<AppendTicket, StorageError> {
         let incoming: usize = batches.iter().map(Bytes::len).sum();
+        let mut waited = false;
         loop {
             let wait = {
                 let mut st = self.state.borrow_mut();
                 check_writable(&st)?;
-                if st.pending_bytes == 0
-                    || st.pending_bytes + incoming <= self.config.max_pending_bytes
-                {
+                // Appenders already waiting go first: appends keep their arrival order.
+                let room = st.pending_bytes == 0
+                    || st.pending_bytes + incoming <= self.config.max_pending_bytes;
+                if room && (st.space_waiters.is_empty() || waited) {
                     None
                 } else {
                     let (tx, rx) = oneshot::channel();
@@ -361,6 +363,7 @@ impl PartitionLog {
             match wait {
                 Some(rx) => {
                     let _ = rx.await;
+                    waited = true;
                 }
                 None => break,
             }
