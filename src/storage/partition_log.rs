@@ -770,6 +770,7 @@ impl PartitionLog {
         while pos < end {
             let len = (want as u64).min(end - pos) as usize;
             let mut window = dma::read_range(file, pos, len, self.config.max_io_bytes).await?;
+            let short = window.len() < len; // the file ends before the log's end
             let mut at = 0usize;
             let mut first: Option<usize> = None;
             let mut need_more = None;
@@ -823,6 +824,11 @@ impl PartitionLog {
                 window.truncate(at);
                 window.drain(..f);
                 return Ok(window);
+            }
+            if at == 0 && (need_more.is_none() || short) {
+                // No way forward: fewer bytes than a batch header, or than the batch its
+                // header announces, are left before the end. Reading again would loop.
+                return Err(corrupt_read(path, pos, "the log ends inside it"));
             }
             pos += at as u64;
             want = need_more.unwrap_or(want).max(want);
