@@ -319,3 +319,43 @@ fn a_damaged_base_offset_is_refused_not_served() {
     })
     .expect("executor");
 }
+
+/// Regression (found by the `segment_recovery` fuzz target, as a hang): a log whose end is not
+/// at a batch boundary (here a clean-shutdown checkpoint whose durable end lies 30 bytes past
+/// the last batch). A fetch that walked to the last, partial piece found fewer bytes than a
+/// batch header, made no progress, and read the same bytes again forever. It now fails with
+/// `Corrupt`, and the batches before are still served.
+#[test]
+fn a_log_ending_inside_a_batch_header_fails_the_read_instead_of_looping() {
+    corebus::runtime::block_on(None, async {
+        prime_direct_io().await;
+        let dir = common::fresh_dir("mid-header-end");
+        let ends = write_log(&dir, 5).await;
+        let total = *ends.last().expect("batches");
+        Checkpoint {
+            segment_base: 0,
+            durable_end: total + 30,
+            next_offset: 18,
+            clean: true,
+        }
+        .save(&dir)
+        .expect("checkpoint");
+        let log = PartitionLog::open(&dir, config()).await.expect("opens");
+        assert_eq!(log.high_watermark(), 18);
+        let read = futures_lite::future::or(
+            async { Some(log.fetch(15, 1 << 20, Duration::ZERO).await) },
+            async {
+                glommio::timer::sleep(Duration::from_secs(10)).await;
+                None
+            },
+        )
+        .await
+        .expect("the fetch must not hang");
+        let err = read.expect_err("nothing readable at offset 15");
+        assert!(err.to_string().contains("ends inside"), "{err}");
+        let before = log.fetch(0, 1 << 20, Duration::ZERO).await.expect("before");
+        assert_eq!(BatchIter::new(&before.batches).count(), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .expect("executor");
+}

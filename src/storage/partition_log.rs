@@ -940,11 +940,16 @@ impl PartitionLog {
         let (mut next, mut pos) = start;
         let mut want = max_bytes.max(64 * 1024);
         while pos < end {
-            let window = match ahead.take() {
-                Some(w) if !w.is_empty() => w.slice(..w.len().min((end - pos) as usize)),
+            // `short`: the file ends before the log's end (only known for a fresh read).
+            let (window, from_ahead, short) = match ahead.take() {
+                Some(w) if !w.is_empty() => {
+                    (w.slice(..w.len().min((end - pos) as usize)), true, false)
+                }
                 _ => {
                     let len = (want as u64).min(end - pos) as usize;
-                    Bytes::from(dma::read_range(file, pos, len, self.config.max_io_bytes).await?)
+                    let bytes = dma::read_range(file, pos, len, self.config.max_io_bytes).await?;
+                    let short = bytes.len() < len;
+                    (Bytes::from(bytes), false, short)
                 }
             };
             let mut at = 0usize;
@@ -1004,6 +1009,11 @@ impl PartitionLog {
                     next_offset: next,
                     next_pos: pos + at as u64,
                 });
+            }
+            if at == 0 && !from_ahead && (need_more.is_none() || short) {
+                // No way forward: fewer bytes than a batch header, or than the batch its
+                // header announces, are left before the end. Reading again would loop.
+                return Err(corrupt_read(path, pos, "the log ends inside it"));
             }
             pos += at as u64;
             want = need_more.unwrap_or(want).max(want);
