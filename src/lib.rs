@@ -20,3 +20,4 @@ pub mod record;
 pub mod runtime;
 pub mod storage;
 pub mod subscription;
+pub mod units;
