@@ -41,9 +41,15 @@ impl std::error::Error for FrameError {}
 
 /// Reads whole frames from a byte stream. Each frame comes back as [`Bytes`] that shares the
 /// read buffer, so record batches inside it can be kept without copying.
+///
+/// `buf[..filled]` holds the bytes received and not yet returned; `buf[filled..]` is spare
+/// room that is already initialized (zeroed once when the buffer grows), so that a read costs
+/// what it receives: a peer that trickles a large frame a byte at a time cannot make every
+/// read zero the whole buffer again.
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
+    filled: usize,
     max_frame_bytes: usize,
 }
 
@@ -52,7 +58,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max_frame_bytes: usize) -> Self {
         Self {
             inner,
-            buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
+            buf: BytesMut::new(),
+            filled: 0,
             max_frame_bytes,
         }
     }
@@ -62,7 +69,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// stream.
     pub async fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         loop {
-            if self.buf.len() >= 4 {
+            let mut need = 4;
+            if self.filled >= 4 {
                 let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
                     as usize;
                 if len > self.max_frame_bytes {
@@ -71,25 +79,27 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         max: self.max_frame_bytes,
                     });
                 }
-                if self.buf.len() >= 4 + len {
+                if self.filled >= 4 + len {
+                    self.filled -= 4 + len;
                     return Ok(Some(self.buf.split_to(4 + len).freeze()));
                 }
-                self.buf.reserve(4 + len - self.buf.len());
+                need = 4 + len;
             }
-            let start = self.buf.len();
-            let spare = (self.buf.capacity() - start).max(READ_CHUNK_BYTES);
-            self.buf.resize(start + spare, 0);
-            let read = self.inner.read(&mut self.buf[start..]).await;
-            let n = match read {
+            // Grow the room when little is left: by a chunk, or by up to what is held for a
+            // large frame still coming (doubling), so that memory follows the bytes received
+            // rather than the length announced. Only the growth is zeroed.
+            if self.buf.len() - self.filled < READ_CHUNK_BYTES / 4 {
+                let rest = need.saturating_sub(self.filled);
+                let grow = READ_CHUNK_BYTES.max(self.filled.min(rest));
+                self.buf.resize(self.filled + grow, 0);
+            }
+            let n = match self.inner.read(&mut self.buf[self.filled..]).await {
                 Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(start);
-                    return Err(FrameError::Io(e));
-                }
+                Err(e) => return Err(FrameError::Io(e)),
             };
-            self.buf.truncate(start + n);
+            self.filled += n;
             if n == 0 {
-                return if self.buf.is_empty() {
+                return if self.filled == 0 {
                     Ok(None)
                 } else {
                     Err(FrameError::UnexpectedEof)
@@ -100,7 +110,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// True when part of a frame has been read but not the whole of it.
     pub fn has_partial_frame(&self) -> bool {
-        !self.buf.is_empty()
+        self.filled > 0
     }
 }
 
@@ -153,6 +163,41 @@ mod tests {
         let mut reader = FrameReader::new(futures_lite::io::Cursor::new(wire), 1024);
         let err = run(reader.next_frame()).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { len, max: 1024 } if len == u32::MAX as usize));
+    }
+
+    /// A reader that hands out one byte per read, like a peer trickling a frame.
+    struct OneByte(futures_lite::io::Cursor<Vec<u8>>);
+
+    impl AsyncRead for OneByte {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(1);
+            std::pin::Pin::new(&mut self.0).poll_read(cx, &mut buf[..n])
+        }
+    }
+
+    /// Regression (found through the frame_decoder fuzz target's low speed): every read
+    /// zeroed the whole spare buffer (256 KiB and up; the announced length for a large frame)
+    /// before reading into it, so a peer trickling a large frame a byte at a time cost a
+    /// memset of the frame's size per byte. Now a read costs what it receives.
+    #[test]
+    fn a_trickled_frame_costs_what_it_receives() {
+        // A frame of 8 MiB announced, then 32 KiB of it one byte per read, then a hang-up.
+        let mut wire = (8u32 << 20).to_le_bytes().to_vec();
+        wire.extend_from_slice(&[7u8; 32 * 1024]);
+        let mut reader = FrameReader::new(OneByte(futures_lite::io::Cursor::new(wire)), 16 << 20);
+        let started = std::time::Instant::now();
+        let result = run(reader.next_frame());
+        let took = started.elapsed();
+        assert!(matches!(result, Err(FrameError::UnexpectedEof)));
+        // Milliseconds now; seconds when each of the 32 Ki reads zeroed 8 MiB.
+        assert!(
+            took < std::time::Duration::from_millis(1500),
+            "reading took {took:?}"
+        );
     }
 
     #[test]
