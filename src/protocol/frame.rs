@@ -44,12 +44,15 @@ impl std::error::Error for FrameError {}
 
 /// Reads whole frames from a byte stream. Each frame comes back as [`Bytes`] that shares the
 /// read buffer, so record batches inside it can be kept without copying.
+///
+/// `buf[..filled]` holds the bytes received and not yet returned; `buf[filled..]` is spare
+/// room that is already initialized (zeroed once when the buffer grows), so that a read costs
+/// what it receives: a peer that trickles a large frame a byte at a time cannot make every
+/// read zero the whole buffer again.
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
-    /// Bytes from the start of `buf` that are initialized memory (within its capacity), so
-    /// that the spare room is zeroed once, not before every read.
-    initialized: usize,
+    filled: usize,
     max_frame_bytes: usize,
     /// When the first byte of the frame now being read arrived.
     partial_since: Option<std::time::Instant>,
@@ -62,8 +65,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, max_frame_bytes: usize) -> Self {
         Self {
             inner,
-            buf: BytesMut::with_capacity(READ_CHUNK_BYTES),
-            initialized: 0,
+            buf: BytesMut::new(),
+            filled: 0,
             max_frame_bytes,
             partial_since: None,
             frame_deadline: None,
@@ -81,7 +84,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// stream.
     pub async fn next_frame(&mut self) -> Result<Option<Bytes>, FrameError> {
         loop {
-            if self.buf.len() >= 4 {
+            let mut need = 4;
+            if self.filled >= 4 {
                 let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
                     as usize;
                 if len > self.max_frame_bytes {
@@ -90,29 +94,29 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         max: self.max_frame_bytes,
                     });
                 }
-                if self.buf.len() >= 4 + len {
+                if self.filled >= 4 + len {
+                    self.filled -= 4 + len;
                     let frame = self.buf.split_to(4 + len).freeze();
-                    self.initialized -= 4 + len;
-                    self.partial_since = (!self.buf.is_empty()).then(std::time::Instant::now);
+                    self.partial_since = (self.filled > 0).then(std::time::Instant::now);
                     return Ok(Some(frame));
                 }
-                self.grow(4 + len - self.buf.len());
+                need = 4 + len;
             }
-            if self.buf.capacity() - self.buf.len() < READ_CHUNK_BYTES / 4 {
-                self.grow(READ_CHUNK_BYTES);
+            // Grow the room when little is left: by a chunk, or by up to what is held for a
+            // large frame still coming (doubling), so that memory follows the bytes received
+            // rather than the length announced. Only the growth is zeroed.
+            if self.buf.len() - self.filled < READ_CHUNK_BYTES / 4 {
+                let rest = need.saturating_sub(self.filled);
+                let grow = READ_CHUNK_BYTES.max(self.filled.min(rest));
+                self.buf.resize(self.filled + grow, 0);
             }
-            let start = self.buf.len();
-            self.expose_spare();
-            let read = self.inner.read(&mut self.buf[start..]).await;
-            let n = match read {
+            let was_empty = self.filled == 0;
+            let n = match self.inner.read(&mut self.buf[self.filled..]).await {
                 Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(start);
-                    return Err(FrameError::Io(e));
-                }
+                Err(e) => return Err(FrameError::Io(e)),
             };
-            self.buf.truncate(start + n);
-            if n > 0 && start == 0 {
+            self.filled += n;
+            if n > 0 && was_empty {
                 self.partial_since = Some(std::time::Instant::now());
             }
             if let (Some(deadline), Some(age)) = (self.frame_deadline, self.partial_frame_age()) {
@@ -121,7 +125,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
             }
             if n == 0 {
-                return if self.buf.is_empty() {
+                return if self.filled == 0 {
                     Ok(None)
                 } else {
                     Err(FrameError::UnexpectedEof)
@@ -130,43 +134,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// Makes room for `additional` more bytes, noting a reallocation (whose new memory is not
-    /// initialized).
-    fn grow(&mut self, additional: usize) {
-        let before = self.buf.as_ptr();
-        self.buf.reserve(additional);
-        if self.buf.as_ptr() != before {
-            self.initialized = self.buf.len();
-        }
-    }
-
-    /// Extends `buf` over its whole capacity for a read, zeroing only memory never
-    /// initialized before (the rest holds stale bytes, never read: the caller truncates to
-    /// what the read returned).
-    fn expose_spare(&mut self) {
-        let len = self.buf.len();
-        let capacity = self.buf.capacity();
-        if self.initialized < capacity {
-            let from = self.initialized.max(len) - len;
-            for byte in &mut self.buf.spare_capacity_mut()[from..] {
-                byte.write(0);
-            }
-            self.initialized = capacity;
-        }
-        // SAFETY: every byte up to `capacity` is initialized (zeroed above, or written before).
-        unsafe { self.buf.set_len(capacity) };
-    }
-
     fn holds_whole_frame(&self) -> bool {
-        self.buf.len() >= 4
-            && self.buf.len()
+        self.filled >= 4
+            && self.filled
                 >= 4 + u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]])
                     as usize
     }
 
     /// How long the frame now being read has been arriving; `None` between frames.
     pub fn partial_frame_age(&self) -> Option<std::time::Duration> {
-        if self.buf.is_empty() {
+        if self.filled == 0 {
             return None;
         }
         self.partial_since.map(|t| t.elapsed())
@@ -222,6 +199,41 @@ mod tests {
         let mut reader = FrameReader::new(futures_lite::io::Cursor::new(wire), 1024);
         let err = run(reader.next_frame()).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge { len, max: 1024 } if len == u32::MAX as usize));
+    }
+
+    /// A reader that hands out one byte per read, like a peer trickling a frame.
+    struct OneByte(futures_lite::io::Cursor<Vec<u8>>);
+
+    impl AsyncRead for OneByte {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            let n = buf.len().min(1);
+            std::pin::Pin::new(&mut self.0).poll_read(cx, &mut buf[..n])
+        }
+    }
+
+    /// Regression (found through the frame_decoder fuzz target's low speed): every read
+    /// zeroed the whole spare buffer (256 KiB and up; the announced length for a large frame)
+    /// before reading into it, so a peer trickling a large frame a byte at a time cost a
+    /// memset of the frame's size per byte. Now a read costs what it receives.
+    #[test]
+    fn a_trickled_frame_costs_what_it_receives() {
+        // A frame of 8 MiB announced, then 32 KiB of it one byte per read, then a hang-up.
+        let mut wire = (8u32 << 20).to_le_bytes().to_vec();
+        wire.extend_from_slice(&[7u8; 32 * 1024]);
+        let mut reader = FrameReader::new(OneByte(futures_lite::io::Cursor::new(wire)), 16 << 20);
+        let result = run(reader.next_frame());
+        assert!(matches!(result, Err(FrameError::UnexpectedEof)));
+        // Memory follows the bytes received (32 KiB), not the 8 MiB announced; and only the
+        // growth is zeroed, so each one-byte read no longer zeroes the whole buffer.
+        assert!(
+            reader.buf.len() < 1 << 20,
+            "buffer grew to {}",
+            reader.buf.len()
+        );
     }
 
     #[test]

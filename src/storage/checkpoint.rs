@@ -96,4 +96,39 @@ mod tests {
         assert_eq!(Checkpoint::decode(&bytes), None);
         assert_eq!(Checkpoint::decode(&bytes[..5]), None);
     }
+
+    proptest::proptest! {
+        /// Any checkpoint encodes to `LEN` bytes and decodes back; any single bit flip, cut
+        /// or extra byte is refused.
+        #[test]
+        fn encoding_round_trips_and_any_damage_is_refused(
+            segment_base: u64,
+            durable_end: u64,
+            next_offset: u64,
+            clean: bool,
+            at in 0..LEN,
+            bit in 0u8..8,
+            cut in 0..LEN,
+        ) {
+            let c = Checkpoint { segment_base, durable_end, next_offset, clean };
+            let bytes = c.encode();
+            proptest::prop_assert_eq!(bytes.len(), LEN);
+            proptest::prop_assert_eq!(Checkpoint::decode(&bytes), Some(c));
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 1 << bit;
+            proptest::prop_assert_eq!(Checkpoint::decode(&damaged), None);
+            proptest::prop_assert_eq!(Checkpoint::decode(&bytes[..cut]), None);
+            let mut longer = bytes.clone();
+            longer.push(0);
+            proptest::prop_assert_eq!(Checkpoint::decode(&longer), None);
+        }
+
+        /// Decoding arbitrary bytes never panics.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2 * LEN),
+        ) {
+            let _ = Checkpoint::decode(&bytes);
+        }
+    }
 }
