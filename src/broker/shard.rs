@@ -205,6 +205,18 @@ impl Shard {
         })
     }
 
+    /// Sends a request to another shard and waits for its reply; `make` builds the message
+    /// around the reply channel.
+    pub async fn ask<T>(
+        &self,
+        shard: usize,
+        make: impl FnOnce(oneshot::Sender<T>) -> ShardMessage,
+    ) -> Result<T, ApiError> {
+        let (reply, rx) = oneshot::channel();
+        self.send_to(shard, make(reply)).await?;
+        rx.await.map_err(|_| shard_gone(shard))
+    }
+
     fn log(&self, topic: &str, partition: u32) -> Result<Rc<PartitionLog>, ApiError> {
         let Some(partitions) = self.topic_partitions(topic) else {
             return Err(unknown_topic(topic));
@@ -290,16 +302,13 @@ impl Shard {
                 return self.produce_local(topic, parts).await;
             }
             let ids: Vec<u32> = parts.iter().map(|(p, _)| *p).collect();
-            let (reply, rx) = oneshot::channel();
-            let msg = ShardMessage::Produce {
-                topic: topic.to_string(),
-                parts,
-                reply,
-            };
-            let result = match self.send_to(shard, msg).await {
-                Ok(()) => rx.await.map_err(|_| shard_gone(shard)),
-                Err(e) => Err(e),
-            };
+            let result = self
+                .ask(shard, |reply| ShardMessage::Produce {
+                    topic: topic.to_string(),
+                    parts,
+                    reply,
+                })
+                .await;
             match result {
                 Ok(outcomes) => outcomes,
                 Err(e) => ids.into_iter().map(|p| (p, Err(e.clone()))).collect(),
@@ -605,7 +614,7 @@ fn unknown_topic(topic: &str) -> ApiError {
     )
 }
 
-fn shard_gone(shard: usize) -> ApiError {
+pub(crate) fn shard_gone(shard: usize) -> ApiError {
     ApiError::new(
         ErrorCode::ShardUnavailable,
         format!("shard {shard} dropped the request"),

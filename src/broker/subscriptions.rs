@@ -26,7 +26,7 @@ use glommio::sync::Semaphore;
 
 use super::mesh::{ShardMessage, TopicChange};
 use super::metadata::{Catalog, SubscriptionMap};
-use super::shard::{now_ms, owner_of, storage_to_api, Shard};
+use super::shard::{now_ms, owner_of, shard_gone, storage_to_api, Shard};
 use crate::groups::GroupOffsets;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
@@ -108,13 +108,6 @@ fn unknown_topic(topic: &str) -> ApiError {
     ApiError::new(
         ErrorCode::UnknownTopic,
         format!("topic '{topic}' does not exist"),
-    )
-}
-
-fn shard_gone(shard: usize) -> ApiError {
-    ApiError::new(
-        ErrorCode::ShardUnavailable,
-        format!("shard {shard} dropped the request"),
     )
 }
 
@@ -1082,17 +1075,14 @@ impl Shard {
                 return self.commit_offsets_local(group, topic, offsets).await;
             }
             let ids: Vec<u32> = offsets.iter().map(|(p, _)| *p).collect();
-            let (reply, rx) = oneshot::channel();
-            let msg = ShardMessage::CommitOffsets {
-                group: group.to_string(),
-                topic: topic.to_string(),
-                offsets,
-                reply,
-            };
-            let outcome = match self.send_to(shard, msg).await {
-                Ok(()) => rx.await.map_err(|_| shard_gone(shard)),
-                Err(e) => Err(e),
-            };
+            let outcome = self
+                .ask(shard, |reply| ShardMessage::CommitOffsets {
+                    group: group.to_string(),
+                    topic: topic.to_string(),
+                    offsets,
+                    reply,
+                })
+                .await;
             match outcome {
                 Ok(list) => list,
                 Err(e) => ids.into_iter().map(|p| (p, Err(e.clone()))).collect(),
@@ -1120,17 +1110,14 @@ impl Shard {
                 return self.fetch_offsets_local(group, topic, partitions).await;
             }
             let ids = partitions.clone();
-            let (reply, rx) = oneshot::channel();
-            let msg = ShardMessage::FetchOffsets {
-                group: group.to_string(),
-                topic: topic.to_string(),
-                partitions,
-                reply,
-            };
-            let outcome = match self.send_to(shard, msg).await {
-                Ok(()) => rx.await.map_err(|_| shard_gone(shard)),
-                Err(e) => Err(e),
-            };
+            let outcome = self
+                .ask(shard, |reply| ShardMessage::FetchOffsets {
+                    group: group.to_string(),
+                    topic: topic.to_string(),
+                    partitions,
+                    reply,
+                })
+                .await;
             match outcome {
                 Ok(list) => list,
                 Err(e) => ids.into_iter().map(|p| (p, Err(e.clone()))).collect(),
