@@ -183,7 +183,7 @@ fn connection_floods_and_slow_senders_do_not_starve_other_clients() {
             "--frame-timeout",
             "1s",
             "--idle-timeout",
-            "3s",
+            "8s",
         ],
     );
     ok_stdout(&broker.cli(&["topic", "create", "f", "--partitions", "2"], ""));
@@ -263,7 +263,7 @@ fn connection_floods_and_slow_senders_do_not_starve_other_clients() {
         })
         .expect("an accepted connection");
     let _ = idle.set_nonblocking(false);
-    assert_closed_by_broker(idle, Duration::from_secs(10));
+    assert_closed_by_broker(idle, Duration::from_secs(30));
     let elapsed = slow.join().expect("slow sender");
     assert!(
         elapsed < Duration::from_secs(5),
