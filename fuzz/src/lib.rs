@@ -194,12 +194,22 @@ pub fn run<T>(fut: impl std::future::Future<Output = T>) -> T {
 }
 
 /// A scratch directory for this process on the disk that holds the fuzz crate (not a tmpfs:
-/// glommio's direct I/O needs a real file system), emptied at first use.
+/// glommio's direct I/O needs a real file system), emptied at first use. Directories left by
+/// earlier processes that are gone are removed.
 pub fn scratch_dir(name: &str) -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("target")
-        .join("scratch")
-        .join(format!("{name}-{}", std::process::id()));
+        .join("scratch");
+    for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let pid = file_name
+            .rsplit_once('-')
+            .and_then(|(_, p)| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !std::path::Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = root.join(format!("{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("creating the scratch directory");
     dir
