@@ -294,6 +294,10 @@ pub struct StorageMetrics {
     pub flush_batches: Histogram,
     /// Flushes that failed.
     pub flush_errors: Cell<u64>,
+    /// Partition logs open on the shard (prewriting splits its budget among them).
+    pub open_logs: Cell<u64>,
+    /// Bytes zero-filled ahead of partitions' ends (see `storage::prewrite`).
+    pub prewritten_bytes: Cell<u64>,
 }
 
 impl Default for StorageMetrics {
@@ -304,6 +308,8 @@ impl Default for StorageMetrics {
             flush_bytes: Histogram::new(SIZE_BUCKETS),
             flush_batches: Histogram::new(COUNT_BUCKETS),
             flush_errors: Cell::new(0),
+            open_logs: Cell::new(0),
+            prewritten_bytes: Cell::new(0),
         }
     }
 }
@@ -323,6 +329,13 @@ impl StorageMetrics {
             "corebus_flush_errors_total",
             labels,
             self.flush_errors.get(),
+        );
+        sample(out, "corebus_open_logs", labels, self.open_logs.get());
+        sample(
+            out,
+            "corebus_prewritten_bytes_total",
+            labels,
+            self.prewritten_bytes.get(),
         );
     }
 }

@@ -1,7 +1,7 @@
 //! Parsing of the sizes and durations that users type (flags, the config file):
 //! `4096`, `64KiB`, `1GiB`; `500ms`, `30s`, `7d`.
 
-/// Parses durations like `500ms`, `3s`, `2m`, `1h`, `7d` (a bare number is seconds).
+/// Parses durations like `100us`, `500ms`, `3s`, `2m`, `1h`, `7d` (a bare number is seconds).
 pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
     let text = text.trim();
     let split = text
@@ -12,12 +12,17 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         .parse()
         .map_err(|_| format!("'{text}' is not a duration (e.g. 500ms, 3s, 2m)"))?;
     let seconds = match unit {
+        "us" => value / 1e6,
         "ms" => value / 1000.0,
         "" | "s" => value,
         "m" => value * 60.0,
         "h" => value * 3600.0,
         "d" => value * 86400.0,
-        _ => return Err(format!("'{text}': unknown unit '{unit}' (ms, s, m, h, d)")),
+        _ => {
+            return Err(format!(
+                "'{text}': unknown unit '{unit}' (us, ms, s, m, h, d)"
+            ))
+        }
     };
     // Also keeps `from_secs_f64` from panicking on absurd values.
     if !seconds.is_finite() || !(0.0..=1e12).contains(&seconds) {
@@ -68,6 +73,10 @@ mod tests {
         assert!(parse_bytes("99999999999999GiB").is_err());
         assert_eq!(parse_millis("500ms"), Ok(500));
         assert_eq!(parse_millis("7d"), Ok(7 * 86_400_000));
+        assert_eq!(
+            parse_duration("250us"),
+            Ok(std::time::Duration::from_micros(250))
+        );
         assert!(parse_duration("999999999999999999999d").is_err());
         assert!(parse_duration("soon").is_err());
     }

@@ -8,9 +8,10 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use corebus::metrics::StorageMetrics;
 use corebus::record::{BatchBuilder, BatchIter, RecordWriter};
 use corebus::storage::checkpoint::Checkpoint;
-use corebus::storage::{LogConfig, PartitionLog};
+use corebus::storage::{LogConfig, PartitionLog, PrewriteConfig};
 
 const SEGMENT: &str = "00000000000000000000.log";
 
@@ -355,6 +356,76 @@ fn a_log_ending_inside_a_batch_header_fails_the_read_instead_of_looping() {
         assert!(err.to_string().contains("ends inside"), "{err}");
         let before = log.fetch(0, 1 << 20, Duration::ZERO).await.expect("before");
         assert_eq!(BatchIter::new(&before.batches).count(), 5);
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .expect("executor");
+}
+
+/// A batch of 3 records of about 4 KiB each, their values telling their offsets.
+fn big_batch(first: u64) -> (Bytes, Vec<String>) {
+    let mut b = BatchBuilder::new();
+    let mut values = Vec::new();
+    for i in first..first + 3 {
+        let value = format!("{i:08}-{}", "z".repeat(4000 + (i % 97) as usize));
+        b.push(&RecordWriter {
+            timestamp_ms: 1_000 + i as i64,
+            value: value.as_bytes(),
+            ..RecordWriter::default()
+        });
+        values.push(value);
+    }
+    (Bytes::from(b.finish()), values)
+}
+
+#[test]
+fn zero_filling_ahead_never_touches_data_across_refills_rolls_and_restarts() {
+    let metrics = Rc::new(StorageMetrics::default());
+    let config = Rc::new(LogConfig {
+        preallocate_bytes: 2 << 20,
+        segment_bytes: 2 << 20,
+        // Zero-filling takes several pieces, so appends catch up with one in flight.
+        prewrite: PrewriteConfig {
+            ahead_bytes: 1 << 20,
+            shard_budget_bytes: 4 << 20,
+            max_flush_bytes: 1 << 20,
+        },
+        metrics: Rc::clone(&metrics),
+        ..LogConfig::default()
+    });
+    corebus::runtime::block_on(None, async move {
+        prime_direct_io().await;
+        let dir = common::fresh_dir("prewrite");
+        let log = PartitionLog::open(&dir, Rc::clone(&config))
+            .await
+            .expect("open");
+        assert_eq!(metrics.open_logs.get(), 1);
+        let mut expected = Vec::new();
+        // Waves of appends in flight together, so that flushes follow each other closely
+        // and run beside the zero-filling.
+        for wave in 0..12u64 {
+            let mut tickets = Vec::new();
+            for k in 0..64u64 {
+                let (bytes, values) = big_batch((wave * 64 + k) * 3);
+                expected.extend(values);
+                tickets.push(log.append(&[bytes], 1).await.expect("append"));
+            }
+            for t in tickets {
+                t.durable().await.expect("durable");
+            }
+        }
+        assert!(
+            metrics.prewritten_bytes.get() > 0,
+            "small flushes must have zero-filled ahead"
+        );
+        assert!(log.stats().segments > 2, "the log must have rolled");
+        assert_eq!(read_all(&log).await, expected);
+        log.close().await;
+        drop(log);
+        assert_eq!(metrics.open_logs.get(), 0);
+        let reopened = PartitionLog::open(&dir, Rc::clone(&config))
+            .await
+            .expect("reopen");
+        assert_eq!(read_all(&reopened).await, expected);
         let _ = std::fs::remove_dir_all(&dir);
     })
     .expect("executor");

@@ -51,6 +51,12 @@ pub struct Args {
     /// message's intended send time (coordinated-omission correct). Default: closed loop.
     #[arg(long)]
     pub rate: Option<u64>,
+    /// Open loop: a message due is held up to this long so that the messages due meanwhile
+    /// go in the same batch, as a producer's linger does (0: send at once). Its wait counts in
+    /// the latency; it bounds requests to about 1/linger per second per producer.
+    #[arg(long, default_value = "100us", value_parser = parse_duration)]
+    #[serde(serialize_with = "ser_duration_us")]
+    pub linger: Duration,
     /// Durability of the embedded broker.
     #[arg(long, value_enum, default_value = "sync")]
     #[serde(serialize_with = "ser_durability")]
@@ -72,6 +78,10 @@ pub struct Args {
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{}ms", d.as_millis()))
+}
+
+fn ser_duration_us<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{}us", d.as_micros()))
 }
 
 fn ser_durability<S: serde::Serializer>(d: &Durability, s: S) -> Result<S::Ok, S::Error> {

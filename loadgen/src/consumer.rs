@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use corebus::client::{Client, ClientError};
-use corebus::record::BatchIter;
+use corebus::record::{BatchHeader, BatchIter};
 use futures::future::join_all;
 
 use crate::payload::{self, Filler};
@@ -75,6 +75,7 @@ async fn consume_partition(shared: &Shared, partition: u32) {
     let mut offset = shared.start[partition as usize];
     let mut last_seq: HashMap<u32, u64> = HashMap::new();
     let mut drain_started: Option<std::time::Instant> = None;
+    let mut in_flight: Option<(u64, corebus::client::Reply)> = None;
     loop {
         if shared.producers_done.get() {
             let target = shared
@@ -95,11 +96,16 @@ async fn consume_partition(shared: &Shared, partition: u32) {
                 return;
             }
         }
-        let fetched = match shared
-            .client
-            .fetch(&shared.topic, partition, offset, FETCH_BYTES, FETCH_WAIT_MS)
-            .await
-        {
+        // The fetch sent ahead while the last reply was checked, if it asked for `offset`.
+        let ahead = match in_flight.take() {
+            Some((asked, reply)) if asked == offset => Ok(reply),
+            _ => submit_fetch(shared, partition, offset).await,
+        };
+        let fetched = match ahead {
+            Ok(reply) => corebus::client::fetch_result(reply, offset).await,
+            Err(e) => Err(e),
+        };
+        let fetched = match fetched {
             Ok(f) => f,
             Err(e) => {
                 shared
@@ -109,6 +115,13 @@ async fn consume_partition(shared: &Shared, partition: u32) {
                 continue;
             }
         };
+        // Ask for what follows before checking these bytes, so that the broker sends it while
+        // the generator verifies: one fetch ahead per partition.
+        if let Some(next) = end_of(&fetched.batches).filter(|&n| n > offset) {
+            if let Ok(reply) = submit_fetch(shared, partition, next).await {
+                in_flight = Some((next, reply));
+            }
+        }
         let now = shared.clock.now_ns();
         for batch in BatchIter::new(&fetched.batches) {
             let batch = match batch {
@@ -152,4 +165,34 @@ async fn consume_partition(shared: &Shared, partition: u32) {
             }
         }
     }
+}
+
+async fn submit_fetch(
+    shared: &Shared,
+    partition: u32,
+    offset: u64,
+) -> Result<corebus::client::Reply, ClientError> {
+    shared
+        .client
+        .fetch_submit(&shared.topic, partition, offset, FETCH_BYTES, FETCH_WAIT_MS)
+        .await
+}
+
+/// One past the last offset of the whole batches in `bytes` (headers only, not checked:
+/// the verification that follows checks them).
+fn end_of(bytes: &[u8]) -> Option<u64> {
+    let mut at = 0usize;
+    let mut end = None;
+    while let Some(rest) = bytes.get(at..) {
+        let Ok(header) = BatchHeader::parse(rest) else {
+            break;
+        };
+        let len = header.batch_len() as usize;
+        if len == 0 || rest.len() < len {
+            break;
+        }
+        end = Some(header.last_offset() + 1);
+        at += len;
+    }
+    end
 }

@@ -176,6 +176,7 @@ async fn open_loop(shared: Rc<Shared>, cursor: Rc<Cursor>, rate: u64) {
     let per_producer = (rate as f64 / f64::from(shared.args.producers)).max(1e-3);
     let interval_ns = 1e9 / per_producer;
     let per_batch = messages_per_batch(&shared.args);
+    let linger_ns = shared.args.linger.as_nanos() as u64;
     let start_ns = shared.clock.now_ns();
     let intended = |k: u64| start_ns + (k as f64 * interval_ns) as u64;
     let permits = Rc::new(Semaphore::new(OPEN_LOOP_MAX_IN_FLIGHT));
@@ -184,14 +185,16 @@ async fn open_loop(shared: Rc<Shared>, cursor: Rc<Cursor>, rate: u64) {
     let mut next = 0u64;
     while intended(next) < shared.stop_ns {
         let now = shared.clock.now_ns();
-        if intended(next) > now {
-            glommio::timer::sleep(Duration::from_nanos(intended(next) - now)).await;
+        let send_at = intended(next) + linger_ns;
+        if send_at > now {
+            glommio::timer::sleep(Duration::from_nanos(send_at - now)).await;
             continue;
         }
         // Every message whose time has come goes now, in batches of at most `per_batch`.
         let due = (((now - start_ns) as f64 / interval_ns) as u64 + 1).saturating_sub(next);
         let count = (due as usize).clamp(1, per_batch);
         let first = next;
+        shared.stats.sent_late(send_at, now);
         let bytes = build_batch(&shared, &cursor, &mut builder, &mut scratch, count, |i| {
             intended(first + i as u64)
         });

@@ -48,6 +48,7 @@ pub fn build(
             "mb_per_sec": stats.consumed_bytes.get() as f64 / 1e6 / consume_secs,
         },
         "e2e_latency_us": latency_json(&stats.e2e_latency.borrow()),
+        "send_lag_us": latency_json(&stats.send_lag.borrow()),
         "errors": errors,
     });
     Report { json, errors }
@@ -97,6 +98,9 @@ pub fn print(report: &Report, stats: &Stats) {
     );
     println!("{}", row("publish -> ack", &stats.ack_latency.borrow()));
     println!("{}", row("end to end", &stats.e2e_latency.borrow()));
+    if !stats.send_lag.borrow().is_empty() {
+        println!("{}", row("generator send lag", &stats.send_lag.borrow()));
+    }
     println!();
     println!(
         "verified: {} acknowledged, {} consumed, errors {}",

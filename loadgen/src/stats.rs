@@ -52,6 +52,9 @@ pub struct Stats {
     pub ack_latency: RefCell<Histogram<u64>>,
     /// Publish → consume latency, µs.
     pub e2e_latency: RefCell<Histogram<u64>>,
+    /// Open loop: how much later than scheduled (intended time plus linger) the generator
+    /// sent each batch, µs. Small next to the latencies means the generator kept up.
+    pub send_lag: RefCell<Histogram<u64>>,
     /// Set once the warmup is over (ns on the run clock).
     pub measure_from_ns: Cell<u64>,
 }
@@ -70,6 +73,7 @@ impl Stats {
             error_samples: RefCell::new(Vec::new()),
             ack_latency: RefCell::new(histogram()),
             e2e_latency: RefCell::new(histogram()),
+            send_lag: RefCell::new(histogram()),
             measure_from_ns: Cell::new(measure_from_ns),
         }
     }
@@ -94,6 +98,15 @@ impl Stats {
             .set(self.produced_bytes.get() + bytes as u64);
         let micros = (acked_ns.saturating_sub(sent_ns) / 1000).max(1);
         let _ = self.ack_latency.borrow_mut().record(micros);
+    }
+
+    /// Records an open-loop batch scheduled for `due_ns` and sent at `sent_ns`.
+    pub fn sent_late(&self, due_ns: u64, sent_ns: u64) {
+        if due_ns < self.measure_from_ns.get() {
+            return;
+        }
+        let micros = (sent_ns.saturating_sub(due_ns) / 1000).max(1);
+        let _ = self.send_lag.borrow_mut().record(micros);
     }
 
     /// Records a message consumed at `now_ns` that was sent at `sent_ns`.

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use crate::metrics::StorageMetrics;
-use crate::storage::{Durability, FailureProbes, LogConfig};
+use crate::storage::{Durability, FailureProbes, LogConfig, PrewriteConfig};
 
 /// Everything `corebus serve` needs to run.
 #[derive(Clone, Debug)]
@@ -67,6 +67,8 @@ pub struct BrokerConfig {
     pub segment_ms: Option<u64>,
     /// Disk space is preallocated in steps of this size.
     pub preallocate_bytes: u64,
+    /// Zero-filling ahead of partitions' ends for small flushes (see `storage::prewrite`).
+    pub prewrite: PrewriteConfig,
     /// Bytes of log between two sparse index entries.
     pub index_interval_bytes: u64,
     /// Default retention by size per partition (topics may override).
@@ -123,6 +125,7 @@ impl BrokerConfig {
             segment_bytes: 1 << 30,
             segment_ms: None,
             preallocate_bytes: 32 << 20,
+            prewrite: PrewriteConfig::default(),
             index_interval_bytes: 4096,
             retention_bytes: None,
             retention_ms: None,
@@ -153,6 +156,7 @@ impl BrokerConfig {
             segment_bytes: self.segment_bytes,
             segment_ms: self.segment_ms,
             preallocate_bytes: self.preallocate_bytes,
+            prewrite: self.prewrite,
             retention_bytes: self.retention_bytes,
             retention_ms: self.retention_ms,
             probes,

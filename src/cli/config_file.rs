@@ -61,6 +61,9 @@ struct FileConfig {
     segment_bytes: Option<Quantity>,
     segment_age: Option<Quantity>,
     preallocate_bytes: Option<Quantity>,
+    prewrite_bytes: Option<Quantity>,
+    prewrite_budget_bytes: Option<Quantity>,
+    prewrite_max_flush_bytes: Option<Quantity>,
     retention_ms: Option<Quantity>,
     retention_bytes: Option<Quantity>,
     retention_check_interval: Option<Quantity>,
@@ -83,9 +86,9 @@ pub fn apply(path: &Path, config: &mut BrokerConfig) -> Result<bool, String> {
         };
     }
     macro_rules! size {
-        ($key:ident => $target:ident) => {
+        ($key:ident => $($target:ident).+) => {
             if let Some(q) = &file.$key {
-                config.$target = q.bytes(&at(stringify!($key)))? as _;
+                config.$($target).+ = q.bytes(&at(stringify!($key)))? as _;
             }
         };
     }
@@ -127,6 +130,9 @@ pub fn apply(path: &Path, config: &mut BrokerConfig) -> Result<bool, String> {
     size!(cache_bytes_per_partition => cache_bytes_per_partition);
     size!(segment_bytes => segment_bytes);
     size!(preallocate_bytes => preallocate_bytes);
+    size!(prewrite_bytes => prewrite.ahead_bytes);
+    size!(prewrite_budget_bytes => prewrite.shard_budget_bytes);
+    size!(prewrite_max_flush_bytes => prewrite.max_flush_bytes);
     size!(max_fetch_bytes => max_fetch_bytes);
     millis!(idle_timeout => idle_timeout_ms);
     millis!(frame_timeout => frame_timeout_ms);
@@ -165,6 +171,9 @@ durability = "sync"                  # sync: after fdatasync; write: after the O
 segment_bytes = "1GiB"               # roll a segment past this size
 # segment_age = "7d"                 # roll a segment whose first batch is older
 preallocate_bytes = "32MiB"          # preallocation step of segment files
+prewrite_bytes = "8MiB"              # zero-fill this far ahead of a partition's end (0: off) ...
+prewrite_budget_bytes = "256MiB"     # ... at most this much over a shard's partitions ...
+prewrite_max_flush_bytes = "512KiB"  # ... for partitions whose flushes are smaller than this
 checkpoint_interval = "1s"           # how often logs record their durable point (bounds recovery scans)
 cache_bytes_per_partition = "8MiB"   # recent data served from memory
 

@@ -391,6 +391,21 @@ impl Client {
         let conn = self.connection_for(topic, partition).await?;
         fetch_on(&conn, topic, partition, offset, max_bytes, max_wait_ms).await
     }
+
+    /// Queues a fetch and returns its reply to wait for (see [`fetch_result`]): a reader can
+    /// have the next fetch on the wire while it processes the last one.
+    pub async fn fetch_submit(
+        &self,
+        topic: &str,
+        partition: u32,
+        offset: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    ) -> Result<Reply, ClientError> {
+        let conn = self.connection_for(topic, partition).await?;
+        conn.submit(|id| requests::fetch(id, topic, partition, offset, max_bytes, max_wait_ms))
+            .await
+    }
 }
 
 /// Produces to one partition over a given connection.
@@ -432,9 +447,15 @@ pub async fn fetch_on(
     max_bytes: u32,
     max_wait_ms: u32,
 ) -> Result<Fetched, ClientError> {
-    let frame = conn
-        .call(|id| requests::fetch(id, topic, partition, offset, max_bytes, max_wait_ms))
+    let reply = conn
+        .submit(|id| requests::fetch(id, topic, partition, offset, max_bytes, max_wait_ms))
         .await?;
+    fetch_result(reply, offset).await
+}
+
+/// Waits for a queued fetch's reply (`offset` is the one it asked for).
+pub async fn fetch_result(reply: Reply, offset: u64) -> Result<Fetched, ClientError> {
+    let frame = reply.wait().await?;
     let response = parse_response(&frame)?;
     let body = expect_body(response.body_as_fetch_response(), "fetch result")?;
     if let Some(e) = ApiError::from_wire(body.error()) {

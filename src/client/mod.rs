@@ -14,8 +14,8 @@ mod subscriptions;
 
 pub use crate::subscription::partition::SettleAction;
 pub use client::{
-    fetch_on, produce_on, produce_result, Client, ClientOptions, Fetched, Metadata, PartitionInfo,
-    PartitionStats, Stats,
+    fetch_on, fetch_result, produce_on, produce_result, Client, ClientOptions, Fetched, Metadata,
+    PartitionInfo, PartitionStats, Stats,
 };
 pub use connection::{Connection, Reply};
 pub use producer::{Producer, ProducerOptions};

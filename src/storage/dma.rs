@@ -143,27 +143,37 @@ impl<'f> ChunkFiller<'f> {
         if let Some((buf, used)) = self.chunks.last_mut() {
             buf.as_bytes_mut()[*used..].fill(0);
         }
-        let mut at = pos;
-        let mut writes = Vec::with_capacity(self.chunks.len());
-        for (buf, _) in self.chunks {
-            let len = buf.len();
-            let file = self.file;
-            let chunk_pos = at;
-            writes.push(async move {
-                let written = file.write_at(buf, chunk_pos).await.map_err(|e| {
-                    StorageError::glommio(format!("writing {len} bytes at {chunk_pos}"), e)
-                })?;
-                if written != len {
-                    return Err(StorageError::Io {
-                        context: format!("writing {len} bytes at {chunk_pos}"),
-                        errno: None,
-                        message: format!("short write of {written} bytes"),
-                    });
-                }
-                Ok(())
-            });
-            at += len as u64;
-        }
-        try_join_all(writes).await.map(|_| ())
+        let buffers = self.chunks.into_iter().map(|(buf, _)| buf).collect();
+        write_buffers(self.file, buffers, pos).await
     }
+}
+
+/// Writes `buffers` back to back from `pos` on, concurrently. Fails if any write fails or
+/// comes up short.
+pub async fn write_buffers(
+    file: &DmaFile,
+    buffers: Vec<DmaBuffer>,
+    pos: u64,
+) -> Result<(), StorageError> {
+    let mut at = pos;
+    let mut writes = Vec::with_capacity(buffers.len());
+    for buf in buffers {
+        let len = buf.len();
+        let chunk_pos = at;
+        writes.push(async move {
+            let written = file.write_at(buf, chunk_pos).await.map_err(|e| {
+                StorageError::glommio(format!("writing {len} bytes at {chunk_pos}"), e)
+            })?;
+            if written != len {
+                return Err(StorageError::Io {
+                    context: format!("writing {len} bytes at {chunk_pos}"),
+                    errno: None,
+                    message: format!("short write of {written} bytes"),
+                });
+            }
+            Ok(())
+        });
+        at += len as u64;
+    }
+    try_join_all(writes).await.map(|_| ())
 }

@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod dma;
 pub mod error;
 pub mod partition_log;
+pub mod prewrite;
 pub mod probes;
 pub mod scan;
 pub mod segment;
@@ -13,6 +14,7 @@ pub mod superblock;
 
 pub use error::StorageError;
 pub use partition_log::{AppendTicket, FetchedData, LogConfig, LogStats, PartitionLog};
+pub use prewrite::PrewriteConfig;
 pub use probes::FailureProbes;
 pub use state_log::{SnapshotSource, StateLog};
 

@@ -26,6 +26,7 @@ use glommio::sync::Semaphore;
 
 use super::checkpoint::Checkpoint;
 use super::dma::{self, align_down, align_up, ChunkFiller, ALIGN};
+use super::prewrite::{self, PrewriteConfig};
 use super::probes::{FailureProbes, ProbePoint};
 use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
 use super::segment::{self, sync_dir, Segment};
@@ -52,6 +53,8 @@ pub struct LogConfig {
     pub segment_ms: Option<u64>,
     /// Disk space is preallocated in steps of this size.
     pub preallocate_bytes: u64,
+    /// Zero-filling ahead of the end for small flushes (see `storage::prewrite`).
+    pub prewrite: PrewriteConfig,
     /// Oldest segments are deleted while the log is larger than this.
     pub retention_bytes: Option<u64>,
     /// Segments whose newest record is older than this are deleted.
@@ -73,6 +76,7 @@ impl Default for LogConfig {
             segment_bytes: 1 << 30,
             segment_ms: None,
             preallocate_bytes: 32 << 20,
+            prewrite: PrewriteConfig::default(),
             retention_bytes: None,
             retention_ms: None,
             probes: Rc::new(FailureProbes::default()),
@@ -189,6 +193,11 @@ struct LogState {
     pending: VecDeque<StoredBatch>,
     pending_bytes: usize,
     flushing: bool,
+    /// The range of the active segment being prewritten, if any: flushes must not write
+    /// there until it is done, and the segment must not be sealed under it.
+    prewriting: Option<(u64, u64)>,
+    /// Woken when a prewrite ends.
+    prewrite_waiters: Vec<oneshot::Sender<()>>,
     /// (last offset of an append, its acknowledgement), in offset order.
     ack_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
     /// Long-polling readers, and appenders held back by a full pending queue.
@@ -262,6 +271,9 @@ impl PartitionLog {
             Vec::new()
         };
         let active_base = active.base_offset;
+        if let Some(active) = segments.back_mut() {
+            active.written_to = align_up(end);
+        }
         // From here on appends may come: the checkpoint must no longer claim a clean stop.
         let fresh = Checkpoint {
             segment_base: active_base,
@@ -281,6 +293,8 @@ impl PartitionLog {
                 pending: VecDeque::new(),
                 pending_bytes: 0,
                 flushing: false,
+                prewriting: None,
+                prewrite_waiters: Vec::new(),
                 ack_waiters: VecDeque::new(),
                 data_waiters: Vec::new(),
                 space_waiters: Vec::new(),
@@ -298,6 +312,8 @@ impl PartitionLog {
             }),
             checkpoint_lock: Semaphore::new(1),
         });
+        let open_logs = &log.config.metrics.open_logs;
+        open_logs.set(open_logs.get() + 1);
         Ok(log)
     }
 
@@ -471,6 +487,7 @@ impl PartitionLog {
                     continue;
                 }
             }
+            self.prewrite_finished(Some(needed)).await;
             let mut filler = ChunkFiller::new(&file, carry.len() + bytes, self.config.max_io_bytes);
             filler.put(&carry);
             for b in &batches {
@@ -503,6 +520,7 @@ impl PartitionLog {
                         .flush_latency
                         .observe(started.elapsed().as_secs_f64());
                     self.complete_flush(batches, new_end, new_tail);
+                    self.start_prewrite(&file, bytes as u64);
                 }
                 Err((error, fatal)) => {
                     metrics.flush_errors.set(metrics.flush_errors.get() + 1);
@@ -510,6 +528,79 @@ impl PartitionLog {
                 }
             }
         }
+    }
+
+    /// Waits until no prewrite is in flight below `below` (any prewrite, if `None`).
+    async fn prewrite_finished(&self, below: Option<u64>) {
+        loop {
+            let rx = {
+                let mut st = self.state.borrow_mut();
+                match st.prewriting {
+                    Some((start, _)) if below.is_none_or(|b| b > start) => {
+                        let (tx, rx) = oneshot::channel();
+                        st.prewrite_waiters.push(tx);
+                        rx
+                    }
+                    _ => return,
+                }
+            };
+            let _ = rx.await;
+        }
+    }
+
+    /// After a flush of `flushed` bytes into `file` (the active segment): starts zero-filling
+    /// ahead of the end in the background when the policy says so.
+    fn start_prewrite(self: &Rc<Self>, file: &Rc<DmaFile>, flushed: u64) {
+        let range = {
+            let mut st = self.state.borrow_mut();
+            if st.prewriting.is_some() || st.closed {
+                return;
+            }
+            let lead = self
+                .config
+                .prewrite
+                .lead(self.config.metrics.open_logs.get());
+            let Some(active) = st.segments.back_mut() else {
+                return;
+            };
+            active.written_to = active.written_to.max(align_up(active.end));
+            let Some(range) = self.config.prewrite.due(
+                lead,
+                flushed,
+                active.end,
+                active.written_to,
+                active.allocated,
+            ) else {
+                return;
+            };
+            st.prewriting = Some(range);
+            range
+        };
+        let (log, file) = (Rc::clone(self), Rc::clone(file));
+        // glommio may run a spawned task right away: no borrow is held here.
+        glommio::spawn_local(async move {
+            let (start, end) = range;
+            let result = prewrite::zero_fill(&file, start, end).await;
+            let mut st = log.state.borrow_mut();
+            st.prewriting = None;
+            match result {
+                Ok(()) => {
+                    let prewritten = &log.config.metrics.prewritten_bytes;
+                    prewritten.set(prewritten.get() + (end - start));
+                    if let Some(active) = st.segments.back_mut() {
+                        if Rc::ptr_eq(&active.file, &file) {
+                            active.written_to = active.written_to.max(end);
+                        }
+                    }
+                }
+                // Only speed is lost: flushes write into unwritten blocks as without it.
+                Err(e) => tracing::warn!("prewriting {}: {e}", log.dir.display()),
+            }
+            for tx in st.prewrite_waiters.drain(..) {
+                let _ = tx.send(());
+            }
+        })
+        .detach();
     }
 
     fn active_path(&self) -> PathBuf {
@@ -583,6 +674,8 @@ impl PartitionLog {
     /// Seals the active segment (its index made durable, its unused preallocation freed) and
     /// starts a new one at the next offset, durable with its directory.
     async fn roll(&self) -> Result<(), StorageError> {
+        // A prewrite still writing zeros into the old segment would grow it past its seal.
+        self.prewrite_finished(None).await;
         let _guard = self.checkpoint_lock.acquire_permit(1).await;
         let (append, base, sealed_file, sealed_end) = {
             let mut st = self.state.borrow_mut();
@@ -1140,6 +1233,7 @@ impl PartitionLog {
         for tx in self.state.borrow_mut().data_waiters.drain(..) {
             let _ = tx.send(());
         }
+        self.prewrite_finished(None).await;
         if self.state.borrow().failed.is_some() {
             return; // no clean marker for a log that failed: recovery must scan it
         }
@@ -1169,6 +1263,13 @@ impl PartitionLog {
                 );
             }
         }
+    }
+}
+
+impl Drop for PartitionLog {
+    fn drop(&mut self) {
+        let open_logs = &self.config.metrics.open_logs;
+        open_logs.set(open_logs.get().saturating_sub(1));
     }
 }
 

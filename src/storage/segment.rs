@@ -51,6 +51,9 @@ pub struct Segment {
     pub next_offset: u64,
     /// Bytes preallocated on disk.
     pub allocated: u64,
+    /// Blocks below this position are known written (data or prewritten zeros), not just
+    /// allocated; see `storage::prewrite`.
+    pub written_to: u64,
     /// Sparse offset index: (offset, position), ascending.
     pub index: Vec<(u64, u64)>,
     /// Time index: (largest timestamp so far, offset), ascending.
@@ -109,6 +112,7 @@ impl Segment {
             end: 0,
             next_offset: base_offset,
             allocated,
+            written_to: 0,
             index: Vec::new(),
             time_index: Vec::new(),
             index_on_disk: 0,
