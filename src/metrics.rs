@@ -298,6 +298,8 @@ pub struct StorageMetrics {
     pub open_logs: Cell<u64>,
     /// Bytes zero-filled ahead of partitions' ends (see `storage::prewrite`).
     pub prewritten_bytes: Cell<u64>,
+    /// Zero-fills running now.
+    pub prewrites_in_flight: Cell<u64>,
 }
 
 impl Default for StorageMetrics {
@@ -310,6 +312,7 @@ impl Default for StorageMetrics {
             flush_errors: Cell::new(0),
             open_logs: Cell::new(0),
             prewritten_bytes: Cell::new(0),
+            prewrites_in_flight: Cell::new(0),
         }
     }
 }

@@ -219,3 +219,18 @@ fn user_errors_are_clear_and_exit_non_zero() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("out of range"));
 }
+
+#[test]
+fn with_shard_group_commit_acknowledged_messages_survive_kill9() {
+    let mut broker = Broker::start("group-commit-shard", 2, &["--group-commit", "shard"]);
+    ok_stdout(&broker.cli(&["topic", "create", "events", "--partitions", "8"], ""));
+    let lines = message_lines("shard-sync", MESSAGES);
+    let mut acked = publish_lines(&broker.addr(), &[], "events", &lines);
+    assert_eq!(acked.len(), MESSAGES, "every message acknowledged");
+    broker.kill9();
+    broker.restart();
+    assert_consumes_exactly(&broker.addr(), &[], "events", &acked);
+    let lines = message_lines("after-restart", 1000);
+    acked.extend(publish_lines(&broker.addr(), &[], "events", &lines));
+    assert_consumes_exactly(&broker.addr(), &[], "events", &acked);
+}

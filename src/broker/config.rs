@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::rc::Rc;
 
 use crate::metrics::StorageMetrics;
-use crate::storage::{Durability, FailureProbes, LogConfig, PrewriteConfig};
+use crate::storage::{
+    Durability, FailureProbes, GroupCommit, LogConfig, PrewriteConfig, ShardSync,
+};
 
 /// Everything `corebus serve` needs to run.
 #[derive(Clone, Debug)]
@@ -57,6 +59,8 @@ pub struct BrokerConfig {
     pub io_memory_bytes: usize,
     /// Recent data kept in memory per partition for readers.
     pub cache_bytes_per_partition: usize,
+    /// Recent data kept in memory over all partitions of a shard, at most.
+    pub cache_bytes_per_shard: usize,
     /// Largest single DMA read or write.
     pub max_io_bytes: usize,
     /// Bytes a partition may have waiting for a flush before producers are held back.
@@ -67,6 +71,8 @@ pub struct BrokerConfig {
     pub segment_ms: Option<u64>,
     /// Disk space is preallocated in steps of this size.
     pub preallocate_bytes: u64,
+    /// What a durable flush syncs: its partition's file, or the shard's filesystem.
+    pub group_commit: GroupCommit,
     /// Zero-filling ahead of partitions' ends for small flushes (see `storage::prewrite`).
     pub prewrite: PrewriteConfig,
     /// Bytes of log between two sparse index entries.
@@ -120,11 +126,13 @@ impl BrokerConfig {
             max_fetch_wait_ms: 60_000,
             io_memory_bytes: 64 << 20,
             cache_bytes_per_partition: 8 << 20,
+            cache_bytes_per_shard: 256 << 20,
             max_io_bytes: 4 << 20,
             max_pending_bytes_per_partition: 64 << 20,
             segment_bytes: 1 << 30,
             segment_ms: None,
             preallocate_bytes: 32 << 20,
+            group_commit: GroupCommit::Partition,
             prewrite: PrewriteConfig::default(),
             index_interval_bytes: 4096,
             retention_bytes: None,
@@ -146,11 +154,17 @@ impl BrokerConfig {
     }
 
     /// The storage settings each partition log uses.
-    pub fn log_config(&self, probes: Rc<FailureProbes>, metrics: Rc<StorageMetrics>) -> LogConfig {
+    pub fn log_config(
+        &self,
+        shard_sync: Option<Rc<ShardSync>>,
+        probes: Rc<FailureProbes>,
+        metrics: Rc<StorageMetrics>,
+    ) -> LogConfig {
         LogConfig {
             durability: self.durability,
             max_io_bytes: self.max_io_bytes,
             cache_bytes: self.cache_bytes_per_partition,
+            cache_budget_bytes: self.cache_bytes_per_shard,
             index_interval_bytes: self.index_interval_bytes,
             max_pending_bytes: self.max_pending_bytes_per_partition,
             segment_bytes: self.segment_bytes,
@@ -159,6 +173,7 @@ impl BrokerConfig {
             prewrite: self.prewrite,
             retention_bytes: self.retention_bytes,
             retention_ms: self.retention_ms,
+            shard_sync,
             probes,
             metrics,
         }

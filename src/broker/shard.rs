@@ -23,7 +23,9 @@ use super::subscriptions::SubscriptionRegistry;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
 use crate::record::Batch;
-use crate::storage::{FailureProbes, FetchedData, LogConfig, PartitionLog, StorageError};
+use crate::storage::{
+    FailureProbes, FetchedData, GroupCommit, LogConfig, PartitionLog, ShardSync, StorageError,
+};
 
 /// 64-bit FNV-1a of the topic name: the stable hash behind partition ownership.
 pub fn fnv1a_64(bytes: &[u8]) -> u64 {
@@ -62,6 +64,8 @@ pub struct Shard {
     pub config: Arc<BrokerConfig>,
     /// Fault injection for tests (empty in production).
     probes: Rc<FailureProbes>,
+    /// The shard-wide syncer, with `--group-commit shard`.
+    shard_sync: Option<Rc<ShardSync>>,
     /// What this shard counts.
     pub metrics: ShardMetrics,
     /// This shard's copy of the topic list, updated by messages from shard 0.
@@ -106,10 +110,17 @@ impl Shard {
         if !probes.is_empty() && id == 0 {
             tracing::warn!("failure probes are armed (COREBUS_FAILURE_PROBES): test use only");
         }
+        let shard_sync = match config.group_commit {
+            GroupCommit::Partition => None,
+            GroupCommit::Shard => {
+                Some(ShardSync::open(&config.data_dir).map_err(|e| e.to_string())?)
+            }
+        };
         let shard = Rc::new(Self {
             id,
             count,
             probes,
+            shard_sync,
             metrics: ShardMetrics::default(),
             config,
             topics: RefCell::new(TopicMap::new()),
@@ -156,9 +167,11 @@ impl Shard {
 
     /// The storage settings of a topic's logs: the broker's, with the topic's overrides.
     fn log_config(&self, topic: &TopicConfig) -> LogConfig {
-        let mut config = self
-            .config
-            .log_config(Rc::clone(&self.probes), Rc::clone(&self.metrics.storage));
+        let mut config = self.config.log_config(
+            self.shard_sync.clone(),
+            Rc::clone(&self.probes),
+            Rc::clone(&self.metrics.storage),
+        );
         if topic.retention_ms.is_some() {
             config.retention_ms = topic.retention_ms;
         }

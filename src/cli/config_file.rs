@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use corebus::broker::BrokerConfig;
-use corebus::storage::Durability;
+use corebus::storage::{Durability, GroupCommit};
 use serde::Deserialize;
 
 use super::{parse_bytes, parse_millis};
@@ -58,9 +58,11 @@ struct FileConfig {
     max_partitions_per_topic: Option<u32>,
     io_memory: Option<Quantity>,
     cache_bytes_per_partition: Option<Quantity>,
+    cache_bytes_per_shard: Option<Quantity>,
     segment_bytes: Option<Quantity>,
     segment_age: Option<Quantity>,
     preallocate_bytes: Option<Quantity>,
+    group_commit: Option<String>,
     prewrite_bytes: Option<Quantity>,
     prewrite_budget_bytes: Option<Quantity>,
     prewrite_max_flush_bytes: Option<Quantity>,
@@ -128,8 +130,18 @@ pub fn apply(path: &Path, config: &mut BrokerConfig) -> Result<bool, String> {
     size!(max_buffered_bytes_per_connection => max_buffered_bytes_per_connection);
     size!(io_memory => io_memory_bytes);
     size!(cache_bytes_per_partition => cache_bytes_per_partition);
+    size!(cache_bytes_per_shard => cache_bytes_per_shard);
     size!(segment_bytes => segment_bytes);
     size!(preallocate_bytes => preallocate_bytes);
+    if let Some(g) = &file.group_commit {
+        config.group_commit =
+            <GroupCommit as clap::ValueEnum>::from_str(g, true).map_err(|_| {
+                format!(
+                    "{}: must be partition or shard, got '{g}'",
+                    at("group_commit")
+                )
+            })?;
+    }
     size!(prewrite_bytes => prewrite.ahead_bytes);
     size!(prewrite_budget_bytes => prewrite.shard_budget_bytes);
     size!(prewrite_max_flush_bytes => prewrite.max_flush_bytes);
@@ -171,11 +183,13 @@ durability = "sync"                  # sync: after fdatasync; write: after the O
 segment_bytes = "1GiB"               # roll a segment past this size
 # segment_age = "7d"                 # roll a segment whose first batch is older
 preallocate_bytes = "32MiB"          # preallocation step of segment files
+group_commit = "partition"           # partition: fdatasync per partition; shard: one syncfs per shard group
 prewrite_bytes = "8MiB"              # zero-fill this far ahead of a partition's end (0: off) ...
 prewrite_budget_bytes = "256MiB"     # ... at most this much over a shard's partitions ...
 prewrite_max_flush_bytes = "512KiB"  # ... for partitions whose flushes are smaller than this
 checkpoint_interval = "1s"           # how often logs record their durable point (bounds recovery scans)
-cache_bytes_per_partition = "8MiB"   # recent data served from memory
+cache_bytes_per_partition = "8MiB"   # recent data served from memory ...
+cache_bytes_per_shard = "256MiB"     # ... at most this much over a shard's partitions
 
 # --- retention (topics may override with `topic create --retention-*`)
 # retention_ms = "7d"                # delete segments whose newest record is older

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use corebus::broker::{self, BrokerConfig};
-use corebus::storage::Durability;
+use corebus::storage::{Durability, GroupCommit};
 
 use super::config_file;
 use super::{parse_bytes, parse_millis};
@@ -78,6 +78,9 @@ pub struct ServeArgs {
     /// Recent data kept in memory per partition for readers [default: 8MiB].
     #[arg(long, value_parser = parse_bytes)]
     cache_bytes_per_partition: Option<u64>,
+    /// Recent data kept in memory over all of a shard's partitions, at most [default: 256MiB].
+    #[arg(long, value_parser = parse_bytes)]
+    cache_bytes_per_shard: Option<u64>,
     /// Roll a segment when it would grow past this size [default: 1GiB].
     #[arg(long, value_parser = parse_bytes)]
     segment_bytes: Option<u64>,
@@ -87,6 +90,11 @@ pub struct ServeArgs {
     /// Preallocate segment files in steps of this size [default: 32MiB].
     #[arg(long, value_parser = parse_bytes)]
     preallocate_bytes: Option<u64>,
+    /// What a durable flush syncs: `partition` (each partition fdatasyncs its file) or `shard`
+    /// (one syncfs of the data disk serves all of a shard's partitions that wrote meanwhile:
+    /// for many partitions, on a disk given to corebus) [default: partition].
+    #[arg(long, value_enum)]
+    group_commit: Option<GroupCommit>,
     /// Zero-fill this far ahead of a partition's end so that small flushes overwrite written
     /// blocks (cheaper fdatasync); 0 turns it off [default: 8MiB].
     #[arg(long, value_parser = parse_bytes)]
@@ -159,8 +167,10 @@ impl ServeArgs {
         set!(max_partitions_per_topic => max_partitions_per_topic);
         set!(io_memory => io_memory_bytes as usize);
         set!(cache_bytes_per_partition => cache_bytes_per_partition as usize);
+        set!(cache_bytes_per_shard => cache_bytes_per_shard as usize);
         set!(segment_bytes => segment_bytes);
         set!(preallocate_bytes => preallocate_bytes);
+        set!(group_commit => group_commit);
         if let Some(v) = self.prewrite_bytes {
             config.prewrite.ahead_bytes = v;
         }

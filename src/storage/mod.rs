@@ -9,6 +9,7 @@ pub mod prewrite;
 pub mod probes;
 pub mod scan;
 pub mod segment;
+pub mod shard_sync;
 pub mod state_log;
 pub mod superblock;
 
@@ -16,7 +17,28 @@ pub use error::StorageError;
 pub use partition_log::{AppendTicket, FetchedData, LogConfig, LogStats, PartitionLog};
 pub use prewrite::PrewriteConfig;
 pub use probes::FailureProbes;
+pub use shard_sync::ShardSync;
 pub use state_log::{SnapshotSource, StateLog};
+
+/// What one durable flush syncs (see `storage::shard_sync`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupCommit {
+    /// Each partition `fdatasync`s its own segment file.
+    Partition,
+    /// One `syncfs` of the data directory's filesystem serves every partition of a shard that
+    /// wrote meanwhile: far fewer disk cache flushes with many partitions.
+    Shard,
+}
+
+impl GroupCommit {
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Partition => "partition",
+            Self::Shard => "shard",
+        }
+    }
+}
 
 /// When a produce is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

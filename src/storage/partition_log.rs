@@ -30,6 +30,7 @@ use super::prewrite::{self, PrewriteConfig};
 use super::probes::{FailureProbes, ProbePoint};
 use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
 use super::segment::{self, sync_dir, Segment};
+use super::shard_sync::ShardSync;
 use super::{Durability, StorageError};
 use crate::metrics::StorageMetrics;
 use crate::record::batch::{self, BatchHeader, HEADER_LEN};
@@ -43,6 +44,9 @@ pub struct LogConfig {
     pub max_io_bytes: usize,
     /// Recent batches kept in memory per partition for readers.
     pub cache_bytes: usize,
+    /// Recent batches kept in memory over all the logs of a shard, at most: with many
+    /// partitions each keeps `cache_budget_bytes / logs` (but no more than `cache_bytes`).
+    pub cache_budget_bytes: usize,
     /// Bytes of log between two sparse index entries.
     pub index_interval_bytes: u64,
     /// Bytes that may wait for a flush before appenders are held back.
@@ -59,6 +63,9 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     /// Segments whose newest record is older than this are deleted.
     pub retention_ms: Option<u64>,
+    /// The shard's syncer when flushes share one `syncfs` (`GroupCommit::Shard`); `None`:
+    /// each flush `fdatasync`s its segment.
+    pub shard_sync: Option<Rc<ShardSync>>,
     /// Fault injection for tests (empty in production).
     pub probes: Rc<FailureProbes>,
     /// The shard's storage metrics.
@@ -71,6 +78,7 @@ impl Default for LogConfig {
             durability: Durability::Sync,
             max_io_bytes: 4 << 20,
             cache_bytes: 8 << 20,
+            cache_budget_bytes: 256 << 20,
             index_interval_bytes: 4096,
             max_pending_bytes: 64 << 20,
             segment_bytes: 1 << 30,
@@ -79,6 +87,7 @@ impl Default for LogConfig {
             prewrite: PrewriteConfig::default(),
             retention_bytes: None,
             retention_ms: None,
+            shard_sync: None,
             probes: Rc::new(FailureProbes::default()),
             metrics: Rc::new(StorageMetrics::default()),
         }
@@ -221,6 +230,10 @@ struct LogState {
     messages_out: u64,
     bytes_out: u64,
 }
+
+/// Zero-fills in flight on a shard at most (each holds a 256 KiB buffer and a disk queue slot):
+/// with a thousand small partitions they take turns.
+const MAX_PREWRITES_IN_FLIGHT: u64 = 4;
 
 /// A partition's log. Create with [`PartitionLog::open`].
 pub struct PartitionLog {
@@ -553,7 +566,8 @@ impl PartitionLog {
     fn start_prewrite(self: &Rc<Self>, file: &Rc<DmaFile>, flushed: u64) {
         let range = {
             let mut st = self.state.borrow_mut();
-            if st.prewriting.is_some() || st.closed {
+            let in_flight = &self.config.metrics.prewrites_in_flight;
+            if st.prewriting.is_some() || st.closed || in_flight.get() >= MAX_PREWRITES_IN_FLIGHT {
                 return;
             }
             let lead = self
@@ -574,6 +588,7 @@ impl PartitionLog {
                 return;
             };
             st.prewriting = Some(range);
+            in_flight.set(in_flight.get() + 1);
             range
         };
         let (log, file) = (Rc::clone(self), Rc::clone(file));
@@ -581,6 +596,8 @@ impl PartitionLog {
         glommio::spawn_local(async move {
             let (start, end) = range;
             let result = prewrite::zero_fill(&file, start, end).await;
+            let in_flight = &log.config.metrics.prewrites_in_flight;
+            in_flight.set(in_flight.get().saturating_sub(1));
             let mut st = log.state.borrow_mut();
             st.prewriting = None;
             match result {
@@ -616,10 +633,13 @@ impl PartitionLog {
             return Err(StorageError::io(context(), &e));
         }
         let started = std::time::Instant::now();
-        let result = file
-            .fdatasync()
-            .await
-            .map_err(|e| StorageError::glommio(context(), e));
+        let result = match &self.config.shard_sync {
+            Some(shard) => shard.sync().await,
+            None => file
+                .fdatasync()
+                .await
+                .map_err(|e| StorageError::glommio(context(), e)),
+        };
         self.config
             .metrics
             .fdatasync_latency
@@ -754,7 +774,12 @@ impl PartitionLog {
             st.cache.push_back(b);
         }
         st.tail_block = new_tail;
-        while st.cache_bytes > self.config.cache_bytes && st.cache.len() > 1 {
+        let open_logs = self.config.metrics.open_logs.get().max(1) as usize;
+        let cache_limit = self
+            .config
+            .cache_bytes
+            .min(self.config.cache_budget_bytes / open_logs);
+        while st.cache_bytes > cache_limit && st.cache.len() > 1 {
             if let Some(old) = st.cache.pop_front() {
                 st.cache_bytes -= old.len();
             }
