@@ -126,7 +126,7 @@ impl BrokerConfig {
             max_fetch_wait_ms: 60_000,
             io_memory_bytes: 64 << 20,
             cache_bytes_per_partition: 8 << 20,
-            cache_bytes_per_shard: 256 << 20,
+            cache_bytes_per_shard: 128 << 20,
             max_io_bytes: 4 << 20,
             max_pending_bytes_per_partition: 64 << 20,
             segment_bytes: 1 << 30,

@@ -189,7 +189,7 @@ prewrite_budget_bytes = "256MiB"     # ... at most this much over a shard's part
 prewrite_max_flush_bytes = "512KiB"  # ... for partitions whose flushes are smaller than this
 checkpoint_interval = "1s"           # how often logs record their durable point (bounds recovery scans)
 cache_bytes_per_partition = "8MiB"   # recent data served from memory ...
-cache_bytes_per_shard = "256MiB"     # ... at most this much over a shard's partitions
+cache_bytes_per_shard = "128MiB"     # ... at most this much over a shard's partitions
 
 # --- retention (topics may override with `topic create --retention-*`)
 # retention_ms = "7d"                # delete segments whose newest record is older

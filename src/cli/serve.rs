@@ -78,7 +78,7 @@ pub struct ServeArgs {
     /// Recent data kept in memory per partition for readers [default: 8MiB].
     #[arg(long, value_parser = parse_bytes)]
     cache_bytes_per_partition: Option<u64>,
-    /// Recent data kept in memory over all of a shard's partitions, at most [default: 256MiB].
+    /// Recent data kept in memory over all of a shard's partitions, at most [default: 128MiB].
     #[arg(long, value_parser = parse_bytes)]
     cache_bytes_per_shard: Option<u64>,
     /// Roll a segment when it would grow past this size [default: 1GiB].

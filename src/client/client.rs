@@ -388,8 +388,10 @@ impl Client {
         max_bytes: u32,
         max_wait_ms: u32,
     ) -> Result<Fetched, ClientError> {
-        let conn = self.connection_for(topic, partition).await?;
-        fetch_on(&conn, topic, partition, offset, max_bytes, max_wait_ms).await
+        let reply = self
+            .fetch_submit(topic, partition, offset, max_bytes, max_wait_ms)
+            .await?;
+        fetch_result(reply, offset).await
     }
 
     /// Queues a fetch and returns its reply to wait for (see [`fetch_result`]): a reader can

@@ -78,7 +78,7 @@ impl Default for LogConfig {
             durability: Durability::Sync,
             max_io_bytes: 4 << 20,
             cache_bytes: 8 << 20,
-            cache_budget_bytes: 256 << 20,
+            cache_budget_bytes: 128 << 20,
             index_interval_bytes: 4096,
             max_pending_bytes: 64 << 20,
             segment_bytes: 1 << 30,
