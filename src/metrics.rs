@@ -336,6 +336,12 @@ impl StorageMetrics {
         sample(out, "corebus_open_logs", labels, self.open_logs.get());
         sample(
             out,
+            "corebus_prewrites_in_flight",
+            labels,
+            self.prewrites_in_flight.get(),
+        );
+        sample(
+            out,
             "corebus_prewritten_bytes_total",
             labels,
             self.prewritten_bytes.get(),

@@ -138,9 +138,9 @@ impl ServeArgs {
     /// Writes every setting given on the command line into `config`.
     fn apply(&self, config: &mut BrokerConfig) {
         macro_rules! set {
-            ($field:ident => $target:ident) => {
+            ($field:ident => $($target:ident).+) => {
                 if let Some(v) = self.$field.clone() {
-                    config.$target = v.into();
+                    config.$($target).+ = v.into();
                 }
             };
             ($field:ident => $target:ident as $ty:ty) => {
@@ -171,15 +171,9 @@ impl ServeArgs {
         set!(segment_bytes => segment_bytes);
         set!(preallocate_bytes => preallocate_bytes);
         set!(group_commit => group_commit);
-        if let Some(v) = self.prewrite_bytes {
-            config.prewrite.ahead_bytes = v;
-        }
-        if let Some(v) = self.prewrite_budget_bytes {
-            config.prewrite.shard_budget_bytes = v;
-        }
-        if let Some(v) = self.prewrite_max_flush_bytes {
-            config.prewrite.max_flush_bytes = v;
-        }
+        set!(prewrite_bytes => prewrite.ahead_bytes);
+        set!(prewrite_budget_bytes => prewrite.shard_budget_bytes);
+        set!(prewrite_max_flush_bytes => prewrite.max_flush_bytes);
         set!(retention_check_interval => retention_check_ms);
         set!(checkpoint_interval => checkpoint_interval_ms);
         set!(max_fetch_bytes => max_fetch_bytes as usize);

@@ -405,8 +405,7 @@ impl Client {
         max_wait_ms: u32,
     ) -> Result<Reply, ClientError> {
         let conn = self.connection_for(topic, partition).await?;
-        conn.submit(|id| requests::fetch(id, topic, partition, offset, max_bytes, max_wait_ms))
-            .await
+        fetch_submit_on(&conn, topic, partition, offset, max_bytes, max_wait_ms).await
     }
 }
 
@@ -449,10 +448,21 @@ pub async fn fetch_on(
     max_bytes: u32,
     max_wait_ms: u32,
 ) -> Result<Fetched, ClientError> {
-    let reply = conn
-        .submit(|id| requests::fetch(id, topic, partition, offset, max_bytes, max_wait_ms))
-        .await?;
+    let reply = fetch_submit_on(conn, topic, partition, offset, max_bytes, max_wait_ms).await?;
     fetch_result(reply, offset).await
+}
+
+/// Queues a fetch on a given connection; see [`fetch_result`].
+async fn fetch_submit_on(
+    conn: &Connection,
+    topic: &str,
+    partition: u32,
+    offset: u64,
+    max_bytes: u32,
+    max_wait_ms: u32,
+) -> Result<Reply, ClientError> {
+    conn.submit(|id| requests::fetch(id, topic, partition, offset, max_bytes, max_wait_ms))
+        .await
 }
 
 /// Waits for a queued fetch's reply (`offset` is the one it asked for).

@@ -30,16 +30,6 @@ pub enum GroupCommit {
     Shard,
 }
 
-impl GroupCommit {
-    /// The name used on the command line.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Partition => "partition",
-            Self::Shard => "shard",
-        }
-    }
-}
-
 /// When a produce is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Durability {

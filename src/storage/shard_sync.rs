@@ -25,7 +25,7 @@ use super::StorageError;
 /// The shard's syncer. Cheap to share (`Rc`) among the shard's partition logs.
 pub struct ShardSync {
     /// The data directory, opened to name its filesystem to `syncfs`.
-    dir: Rc<OwnedFd>,
+    dir: OwnedFd,
     state: RefCell<SyncState>,
 }
 
@@ -48,7 +48,7 @@ impl ShardSync {
         let dir = std::fs::File::open(data_dir)
             .map_err(|e| StorageError::io(format!("opening {}", data_dir.display()), &e))?;
         Ok(Rc::new(Self {
-            dir: Rc::new(OwnedFd::from(dir)),
+            dir: OwnedFd::from(dir),
             state: RefCell::new(SyncState::default()),
         }))
     }
@@ -89,13 +89,12 @@ impl ShardSync {
                 }
                 std::mem::take(&mut st.waiting)
             };
-            let dir = Rc::clone(&self.dir);
-            let fd = dir.as_raw_fd();
+            let fd = self.dir.as_raw_fd();
             // syncfs blocks; glommio runs it on its blocking-thread pool. The descriptor stays
-            // open: `dir` is held until the call returns.
+            // open: this task holds `self` until the call returns.
             let result = glommio::executor()
                 .spawn_blocking(move || {
-                    // SAFETY: `fd` is an open descriptor for as long as `dir` lives.
+                    // SAFETY: `fd` stays open while the task that awaits this call holds `self`.
                     if unsafe { libc::syncfs(fd) } == 0 {
                         Ok(())
                     } else {
@@ -103,7 +102,6 @@ impl ShardSync {
                     }
                 })
                 .await;
-            drop(dir);
             for tx in waiting {
                 let _ = tx.send(result.clone());
             }
