@@ -119,6 +119,26 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "Flushes that failed (their batches were not acknowledged).",
     ),
+    (
+        "corebus_open_logs",
+        "gauge",
+        "Partition logs open on the shard.",
+    ),
+    (
+        "corebus_prewritten_bytes_total",
+        "counter",
+        "Bytes zero-filled ahead of partitions' ends so that small flushes overwrite written blocks.",
+    ),
+    (
+        "corebus_prewrites_in_flight",
+        "gauge",
+        "Zero-fills ahead of partitions' ends running now.",
+    ),
+    (
+        "corebus_fetch_bytes_total",
+        "counter",
+        "Bytes of record batches returned by fetches, by source: the in-memory tail or the disk.",
+    ),
     ("corebus_connections", "gauge", "Open client connections."),
     (
         "corebus_connections_refused_total",
@@ -300,6 +320,10 @@ pub struct StorageMetrics {
     pub prewritten_bytes: Cell<u64>,
     /// Zero-fills running now.
     pub prewrites_in_flight: Cell<u64>,
+    /// Bytes fetches served from the in-memory tail.
+    pub fetched_from_memory_bytes: Cell<u64>,
+    /// Bytes fetches served from segment files.
+    pub fetched_from_disk_bytes: Cell<u64>,
 }
 
 impl Default for StorageMetrics {
@@ -313,6 +337,8 @@ impl Default for StorageMetrics {
             open_logs: Cell::new(0),
             prewritten_bytes: Cell::new(0),
             prewrites_in_flight: Cell::new(0),
+            fetched_from_memory_bytes: Cell::new(0),
+            fetched_from_disk_bytes: Cell::new(0),
         }
     }
 }
@@ -346,6 +372,18 @@ impl StorageMetrics {
             labels,
             self.prewritten_bytes.get(),
         );
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (source, bytes) in [
+            ("memory", &self.fetched_from_memory_bytes),
+            ("disk", &self.fetched_from_disk_bytes),
+        ] {
+            sample(
+                out,
+                "corebus_fetch_bytes_total",
+                &format!("{labels}{sep}source=\"{source}\""),
+                bytes.get(),
+            );
+        }
     }
 }
 

@@ -54,7 +54,7 @@ async fn read_all(log: &Rc<PartitionLog>) -> Vec<String> {
             .fetch(offset, 64 * 1024, Duration::ZERO)
             .await
             .expect("fetch");
-        for batch in BatchIter::new(&data.batches) {
+        for batch in BatchIter::new(&data.batches.contiguous()) {
             let batch = batch.expect("batch");
             let base = batch.header().base_offset();
             for r in batch.records() {
@@ -160,7 +160,7 @@ fn a_bad_checksum_in_acknowledged_data_is_kept_reported_and_skipped() {
             .expect("after");
         assert!(!after.batches.is_empty());
         let before = log.fetch(0, 1 << 20, Duration::ZERO).await.expect("before");
-        let served: u32 = BatchIter::new(&before.batches)
+        let served: u32 = BatchIter::new(&before.batches.contiguous())
             .map(|b| b.expect("ok").header().record_count())
             .sum();
         assert_eq!(
@@ -271,13 +271,14 @@ fn a_segment_shorter_than_its_checkpoint_reports_the_loss_and_keeps_appending() 
             .fetch(15, 1 << 20, Duration::ZERO)
             .await
             .expect("read back");
-        let batch = BatchIter::new(&data.batches)
+        let bytes = data.batches.contiguous();
+        let batch = BatchIter::new(&bytes)
             .next()
             .expect("a batch")
             .expect("its CRC");
         assert_eq!(batch.header().base_offset(), 15);
         let before = log.fetch(0, 1 << 20, Duration::ZERO).await.expect("before");
-        let served: u32 = BatchIter::new(&before.batches)
+        let served: u32 = BatchIter::new(&before.batches.contiguous())
             .map(|b| b.expect("ok").header().record_count())
             .sum();
         assert_eq!(served, 9);
@@ -312,7 +313,7 @@ fn a_damaged_base_offset_is_refused_not_served() {
             .expect_err("the damaged batch is not served");
         assert!(err.to_string().contains("base offset"), "{err}");
         let after = log.fetch(3, 1 << 20, Duration::ZERO).await.expect("after");
-        let bases: Vec<u64> = BatchIter::new(&after.batches)
+        let bases: Vec<u64> = BatchIter::new(&after.batches.contiguous())
             .map(|b| b.expect("CRC").header().base_offset())
             .collect();
         assert_eq!(bases, (1..40).map(|b| b * 3).collect::<Vec<u64>>());
@@ -355,7 +356,7 @@ fn a_log_ending_inside_a_batch_header_fails_the_read_instead_of_looping() {
         let err = read.expect_err("nothing readable at offset 15");
         assert!(err.to_string().contains("ends inside"), "{err}");
         let before = log.fetch(0, 1 << 20, Duration::ZERO).await.expect("before");
-        assert_eq!(BatchIter::new(&before.batches).count(), 5);
+        assert_eq!(BatchIter::new(&before.batches.contiguous()).count(), 5);
         let _ = std::fs::remove_dir_all(&dir);
     })
     .expect("executor");

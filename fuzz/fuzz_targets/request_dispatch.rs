@@ -145,9 +145,9 @@ fuzz_target!(|data: &[u8]| {
                 }
             };
             let reply = dispatch(&shard, frame).await;
-            let bytes = reply.as_bytes();
-            check_response_frame(bytes);
-            let response = corebus::protocol::message::parse_response(bytes).expect("verified");
+            let bytes = reply.to_vec();
+            check_response_frame(&bytes);
+            let response = corebus::protocol::message::parse_response(&bytes).expect("verified");
             assert_eq!(response.correlation_id(), expected_id.unwrap_or(0));
             restore(&shard).await;
         })

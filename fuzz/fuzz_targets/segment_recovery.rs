@@ -128,7 +128,8 @@ async fn check(dir: &Path) {
                 }
                 let mut first = true;
                 let mut at = 0usize;
-                for batch in BatchIter::new(&data.batches) {
+                let bytes = data.batches.contiguous();
+                for batch in BatchIter::new(&bytes) {
                     let batch = batch.expect("a served batch fails its CRC");
                     assert!(crc_matches(batch.as_bytes()));
                     let h = batch.header();
@@ -174,7 +175,8 @@ async fn check(dir: &Path) {
         .fetch(hw, MAX_FETCH_BYTES, Duration::ZERO)
         .await
         .expect("reading back the append");
-    let served = BatchIter::new(&data.batches)
+    let bytes = data.batches.contiguous();
+    let served = BatchIter::new(&bytes)
         .next()
         .expect("the appended batch")
         .expect("its CRC");

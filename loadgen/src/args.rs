@@ -61,6 +61,10 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "sync")]
     #[serde(serialize_with = "ser_durability")]
     pub durability: Durability,
+    /// In-memory tail of the embedded broker's partitions, in bytes (per partition and per
+    /// shard): large enough to hold a whole `--catch-up` run, it measures consuming from memory.
+    #[arg(long, value_parser = corebus::units::parse_bytes)]
+    pub broker_cache_bytes: Option<u64>,
     /// CPU for the load generator.
     #[arg(long)]
     pub cpu: Option<usize>,

@@ -57,6 +57,10 @@ impl Embedded {
         config.shards = 1;
         config.cpus = args.broker_cpu.map(|cpu| vec![cpu]);
         config.durability = args.durability;
+        if let Some(bytes) = args.broker_cache_bytes {
+            config.cache_bytes_per_partition = bytes as usize;
+            config.cache_bytes_per_shard = bytes as usize;
+        }
         let thread = std::thread::Builder::new()
             .name("embedded-broker".into())
             .spawn(move || broker::run(config))

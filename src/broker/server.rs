@@ -26,7 +26,7 @@ use glommio::sync::Semaphore;
 
 use super::handlers;
 use super::shard::Shard;
-use crate::protocol::frame::{FrameError, FrameReader, OutFrame};
+use crate::protocol::frame::{FrameError, FrameReader, FrameWriter, OutFrame};
 use crate::protocol::message::{error_response, ApiError};
 use crate::protocol::wire::ErrorCode;
 
@@ -208,12 +208,13 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
 
 /// Writes replies as they come; ends when every sender is gone or the peer stops reading
 /// (then the socket is shut down, which also ends the reader).
-async fn write_loop(mut stream: TcpStream, outbox: LocalReceiver<OutFrame>) {
+async fn write_loop(stream: TcpStream, outbox: LocalReceiver<OutFrame>) {
+    let mut writer = FrameWriter::new(stream);
     while let Some(frame) = outbox.recv().await {
-        if stream.write_all(frame.as_bytes()).await.is_err() {
-            let _ = stream.shutdown(Shutdown::Both).await;
+        if writer.write_frame(&frame).await.is_err() {
+            let _ = writer.get_mut().shutdown(Shutdown::Both).await;
             return;
         }
     }
-    let _ = stream.flush().await;
+    let _ = writer.get_mut().flush().await;
 }

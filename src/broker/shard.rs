@@ -355,7 +355,7 @@ impl Shard {
             }) => Ok(FetchedData {
                 high_watermark,
                 log_start_offset,
-                batches: Bytes::new(),
+                batches: Default::default(),
                 out_of_range: true,
             }),
             other => other.map_err(storage_to_api),

@@ -11,13 +11,12 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use futures::channel::oneshot;
-use futures_lite::AsyncWriteExt;
 use glommio::channels::local_channel::{self, LocalReceiver, LocalSender};
 use glommio::net::TcpStream;
 use glommio::task::JoinHandle;
 
 use super::ClientError;
-use crate::protocol::frame::{FrameReader, OutFrame};
+use crate::protocol::frame::{FrameReader, FrameWriter, OutFrame};
 use crate::protocol::message::{parse_response, ApiError};
 
 /// Requests a connection queues for its writer before `call` waits.
@@ -146,9 +145,10 @@ impl Drop for Connection {
     }
 }
 
-async fn write_loop(mut stream: TcpStream, outbox: LocalReceiver<OutFrame>) {
+async fn write_loop(stream: TcpStream, outbox: LocalReceiver<OutFrame>) {
+    let mut writer = FrameWriter::new(stream);
     while let Some(frame) = outbox.recv().await {
-        if stream.write_all(frame.as_bytes()).await.is_err() {
+        if writer.write_frame(&frame).await.is_err() {
             return;
         }
     }

@@ -4,7 +4,7 @@
 //! the configured maximum before it allocates anything for the frame.
 
 use bytes::{Bytes, BytesMut};
-use futures_lite::{AsyncRead, AsyncReadExt};
+use futures_lite::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Bytes asked of the socket per read when the buffer has less spare room.
 const READ_CHUNK_BYTES: usize = 256 * 1024;
@@ -151,21 +151,132 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 /// A finished frame ready to write: a FlatBuffers builder's buffer whose bytes from `head`
-/// are the length prefix and the message. Moving it to the writer copies nothing.
+/// are the length prefix and the message, then optionally a `tail` of shared byte pieces that
+/// complete the message's last byte vector (see [`OutFrame::with_trailing_vector`]). Moving it
+/// to the writer copies nothing.
 pub struct OutFrame {
     buf: Vec<u8>,
     head: usize,
+    tail: Vec<Bytes>,
 }
 
 impl OutFrame {
     /// Takes the finished (size-prefixed) buffer out of a builder.
     pub fn from_builder(builder: flatbuffers::FlatBufferBuilder<'_>) -> Self {
         let (buf, head) = builder.collapse();
-        Self { buf, head }
+        Self {
+            buf,
+            head,
+            tail: Vec::new(),
+        }
     }
-    /// The bytes to put on the wire.
+
+    /// A frame whose builder created an empty `[ubyte]` vector as its very first object, so
+    /// that the vector's length is the builder's last four bytes: the vector is made to hold
+    /// `tail` (`tail_len` bytes), which goes on the wire right after the builder's bytes.
+    /// The wire bytes are those of a builder that had copied `tail` in; here it is never
+    /// copied (fetched batches go from the log's memory to the socket). `None` if the frame
+    /// would exceed 4 GiB or the builder does not end with an empty vector.
+    pub fn with_trailing_vector(
+        builder: flatbuffers::FlatBufferBuilder<'_>,
+        tail: Vec<Bytes>,
+        tail_len: usize,
+    ) -> Option<Self> {
+        let mut frame = Self::from_builder(builder);
+        let bytes = &mut frame.buf[frame.head..];
+        let n = bytes.len();
+        if n < 8 || bytes[n - 4..] != [0, 0, 0, 0] {
+            return None;
+        }
+        let prefix = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        let tail_len_u32 = u32::try_from(tail_len).ok()?;
+        let prefix = prefix.checked_add(tail_len_u32)?;
+        bytes[..4].copy_from_slice(&prefix.to_le_bytes());
+        bytes[n - 4..].copy_from_slice(&tail_len_u32.to_le_bytes());
+        frame.tail = tail;
+        Some(frame)
+    }
+
+    /// The builder's bytes: the whole frame when it has no tail.
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[self.head..]
+    }
+
+    /// The pieces that follow [`OutFrame::as_bytes`] on the wire.
+    pub fn tail(&self) -> &[Bytes] {
+        &self.tail
+    }
+
+    /// The whole frame copied into one buffer (for tests and tools, not the data path).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let tail: usize = self.tail.iter().map(Bytes::len).sum();
+        let mut out = Vec::with_capacity(self.as_bytes().len() + tail);
+        out.extend_from_slice(self.as_bytes());
+        for piece in &self.tail {
+            out.extend_from_slice(piece);
+        }
+        out
+    }
+}
+
+/// Pieces at least this long are sent from where they are rather than gathered.
+const DIRECT_PIECE_BYTES: usize = 32 * 1024;
+/// Most bytes gathered before they are sent.
+const GATHER_BYTES: usize = 64 * 1024;
+
+/// Writes frames to a stream. A frame's small pieces (its head, small batches of its tail)
+/// are gathered into one reused buffer and sent together; large pieces are sent straight from
+/// the memory that holds them, so that a fetch from the log's memory is not copied in user
+/// space.
+pub struct FrameWriter<W> {
+    inner: W,
+    gathered: Vec<u8>,
+}
+
+impl<W: AsyncWrite + Unpin> FrameWriter<W> {
+    /// Writes to `inner`.
+    pub fn new(inner: W) -> Self {
+        Self {
+            inner,
+            gathered: Vec::new(),
+        }
+    }
+
+    /// Writes one whole frame.
+    pub async fn write_frame(&mut self, frame: &OutFrame) -> std::io::Result<()> {
+        if frame.tail.is_empty() {
+            return self.inner.write_all(frame.as_bytes()).await;
+        }
+        self.put(frame.as_bytes()).await?;
+        for piece in &frame.tail {
+            self.put(piece).await?;
+        }
+        self.send_gathered().await
+    }
+
+    async fn put(&mut self, piece: &[u8]) -> std::io::Result<()> {
+        if piece.len() >= DIRECT_PIECE_BYTES {
+            self.send_gathered().await?;
+            return self.inner.write_all(piece).await;
+        }
+        if self.gathered.len() + piece.len() > GATHER_BYTES {
+            self.send_gathered().await?;
+        }
+        self.gathered.extend_from_slice(piece);
+        Ok(())
+    }
+
+    async fn send_gathered(&mut self) -> std::io::Result<()> {
+        if !self.gathered.is_empty() {
+            self.inner.write_all(&self.gathered).await?;
+            self.gathered.clear();
+        }
+        Ok(())
+    }
+
+    /// The stream written to.
+    pub fn get_mut(&mut self) -> &mut W {
+        &mut self.inner
     }
 }
 
@@ -234,6 +345,40 @@ mod tests {
             "buffer grew to {}",
             reader.buf.len()
         );
+    }
+
+    /// Small pieces are gathered and large ones sent as they are, in order: the stream
+    /// holds exactly the frames' bytes.
+    #[test]
+    fn a_writer_sends_heads_and_tails_in_order() {
+        let frames: Vec<OutFrame> = [vec![], vec![10, 70_000, 20], vec![60_000, 60_000]]
+            .into_iter()
+            .enumerate()
+            .map(|(i, sizes)| {
+                let mut fbb = flatbuffers::FlatBufferBuilder::new();
+                fbb.create_vector::<u8>(&[]);
+                let root = fbb.create_string("x");
+                fbb.finish_size_prefixed(root, None);
+                let tail: Vec<Bytes> = sizes
+                    .iter()
+                    .map(|&n| Bytes::from(vec![i as u8 + 1; n]))
+                    .collect();
+                let len = sizes.iter().sum();
+                OutFrame::with_trailing_vector(fbb, tail, len).expect("ends with an empty vector")
+            })
+            .collect();
+        let mut writer = FrameWriter::new(futures_lite::io::Cursor::new(Vec::new()));
+        let mut expected = Vec::new();
+        for frame in &frames {
+            run(writer.write_frame(frame)).expect("written");
+            expected.extend_from_slice(&frame.to_vec());
+        }
+        assert_eq!(writer.get_mut().get_ref(), &expected);
+        let mut reader = FrameReader::new(futures_lite::io::Cursor::new(expected), 1 << 20);
+        for frame in &frames {
+            let read = run(reader.next_frame()).expect("reads").expect("a frame");
+            assert_eq!(read.len(), frame.to_vec().len());
+        }
     }
 
     #[test]

@@ -130,6 +130,48 @@ pub fn finish_response(
     OutFrame::from_builder(fbb)
 }
 
+/// A builder for a response with a byte vector to be filled by
+/// [`finish_response_with_tail`]: the vector (returned) is created empty as the builder's very
+/// first object, which puts its length at the end of the buffer.
+pub fn builder_with_tail_vector(
+    capacity: usize,
+) -> (
+    FlatBufferBuilder<'static>,
+    WIPOffset<flatbuffers::Vector<'static, u8>>,
+) {
+    let mut fbb = FlatBufferBuilder::with_capacity(capacity);
+    let vector = fbb.create_vector::<u8>(&[]);
+    (fbb, vector)
+}
+
+/// Like [`finish_response`], with the vector of [`builder_with_tail_vector`] holding `tail`
+/// (`tail_len` bytes), which is sent after the builder's bytes instead of being copied in.
+pub fn finish_response_with_tail(
+    mut fbb: FlatBufferBuilder<'_>,
+    correlation_id: u64,
+    body_type: wire::ResponseBody,
+    body: WIPOffset<UnionWIPOffset>,
+    tail: Vec<bytes::Bytes>,
+    tail_len: usize,
+) -> Result<OutFrame, ApiError> {
+    let response = wire::Response::create(
+        &mut fbb,
+        &wire::ResponseArgs {
+            correlation_id,
+            error: None,
+            body_type,
+            body: Some(body),
+        },
+    );
+    fbb.finish_size_prefixed(response, None);
+    OutFrame::with_trailing_vector(fbb, tail, tail_len).ok_or_else(|| {
+        ApiError::new(
+            wire::ErrorCode::TooLarge,
+            format!("a response of {tail_len} bytes of batches does not fit in one frame"),
+        )
+    })
+}
+
 /// A response that carries only an error.
 pub fn error_response(correlation_id: u64, error: &ApiError) -> OutFrame {
     let mut fbb = FlatBufferBuilder::with_capacity(128 + error.message.len());
@@ -161,6 +203,83 @@ mod tests {
         let response = parse_response(bytes).expect("valid");
         assert_eq!(response.correlation_id(), 7);
         assert_eq!(ApiError::from_wire(response.error()), Some(err));
+    }
+
+    /// A fetch response whose batches are a tail verifies and reads back as one whose batches
+    /// were copied into the builder.
+    #[test]
+    fn a_tail_vector_is_read_as_if_copied_in() {
+        let batches = b"0123456789abcdefghij".to_vec();
+        let body = |fbb: &mut FlatBufferBuilder<'static>, vector| {
+            let topic = fbb.create_string("t");
+            wire::FetchResponse::create(
+                fbb,
+                &wire::FetchResponseArgs {
+                    topic: Some(topic),
+                    partition: 3,
+                    high_watermark: 99,
+                    log_start_offset: 1,
+                    batches: Some(vector),
+                    error: None,
+                },
+            )
+            .as_union_value()
+        };
+        let mut copied = FlatBufferBuilder::with_capacity(64);
+        let vector = copied.create_vector(&batches);
+        let b = body(&mut copied, vector);
+        let copied = finish_response(copied, 5, wire::ResponseBody::FetchResponse, b);
+
+        let (mut fbb, vector) = builder_with_tail_vector(64);
+        let b = body(&mut fbb, vector);
+        let tail = vec![
+            bytes::Bytes::copy_from_slice(&batches[..7]),
+            bytes::Bytes::copy_from_slice(&batches[7..]),
+        ];
+        let framed = finish_response_with_tail(
+            fbb,
+            5,
+            wire::ResponseBody::FetchResponse,
+            b,
+            tail,
+            batches.len(),
+        )
+        .expect("fits");
+        let wire_bytes = framed.to_vec();
+        let len = u32::from_le_bytes([wire_bytes[0], wire_bytes[1], wire_bytes[2], wire_bytes[3]]);
+        assert_eq!(len as usize, wire_bytes.len() - 4);
+        let response = parse_response(&wire_bytes).expect("verifies");
+        let fetch = response.body_as_fetch_response().expect("a fetch response");
+        assert_eq!(fetch.batches().map(|v| v.bytes()), Some(&batches[..]));
+        assert_eq!((fetch.partition(), fetch.high_watermark()), (3, 99));
+        // Read back like the frame whose builder copied the batches in (the two differ only
+        // in padding).
+        let copied = parse_response(copied.as_bytes()).expect("verifies");
+        let copied = copied.body_as_fetch_response().expect("a fetch response");
+        assert_eq!(copied.batches().map(|v| v.bytes()), Some(&batches[..]));
+        assert_eq!(copied.topic(), fetch.topic());
+    }
+
+    #[test]
+    fn a_builder_not_ending_with_an_empty_vector_gets_no_tail() {
+        let mut fbb = FlatBufferBuilder::with_capacity(64);
+        let topic = fbb.create_string("t");
+        let b = wire::FetchResponse::create(
+            &mut fbb,
+            &wire::FetchResponseArgs {
+                topic: Some(topic),
+                ..Default::default()
+            },
+        );
+        let result = finish_response_with_tail(
+            fbb,
+            1,
+            wire::ResponseBody::FetchResponse,
+            b.as_union_value(),
+            vec![bytes::Bytes::from_static(b"x")],
+            1,
+        );
+        assert!(result.is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod dma;
 pub mod error;
+pub mod fetched;
 pub mod partition_log;
 pub mod prewrite;
 pub mod probes;
@@ -14,7 +15,8 @@ pub mod state_log;
 pub mod superblock;
 
 pub use error::StorageError;
-pub use partition_log::{AppendTicket, FetchedData, LogConfig, LogStats, PartitionLog};
+pub use fetched::{BatchBytes, FetchedData};
+pub use partition_log::{AppendTicket, LogConfig, LogStats, PartitionLog};
 pub use prewrite::PrewriteConfig;
 pub use probes::FailureProbes;
 pub use shard_sync::ShardSync;

@@ -26,6 +26,7 @@ use glommio::sync::Semaphore;
 
 use super::checkpoint::Checkpoint;
 use super::dma::{self, align_down, align_up, ChunkFiller, ALIGN};
+use super::fetched::{BatchBytes, FetchedData};
 use super::prewrite::{self, PrewriteConfig};
 use super::probes::{FailureProbes, ProbePoint};
 use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
@@ -112,6 +113,21 @@ impl StoredBatch {
     }
 }
 
+/// A batch in the in-memory tail: its stamped header and its body, each shared, so that a
+/// fetch hands them to the socket without copying.
+struct CachedBatch {
+    header: Bytes,
+    body: Bytes,
+    base_offset: u64,
+    last_offset: u64,
+}
+
+impl CachedBatch {
+    fn len(&self) -> usize {
+        self.header.len() + self.body.len()
+    }
+}
+
 /// Offsets given to an append, and a receiver that resolves when it is acknowledged.
 pub struct AppendTicket {
     /// Offset of the first record appended.
@@ -133,19 +149,6 @@ impl AppendTicket {
         }
         Ok((self.base_offset, self.last_offset))
     }
-}
-
-/// What a fetch returns: whole batches and the log's bounds at that moment.
-#[derive(Debug, Default)]
-pub struct FetchedData {
-    /// Next offset to be written; all offsets below are acknowledged.
-    pub high_watermark: u64,
-    /// Earliest stored offset.
-    pub log_start_offset: u64,
-    /// Whole stored batches, concatenated.
-    pub batches: Bytes,
-    /// Set when the requested offset was outside `[log_start_offset, high_watermark]`.
-    pub out_of_range: bool,
 }
 
 /// What a read of one segment found: the batches to serve, and where the walk stopped.
@@ -213,7 +216,7 @@ struct LogState {
     data_waiters: Vec<oneshot::Sender<()>>,
     space_waiters: Vec<oneshot::Sender<()>>,
     /// Recent stored batches, oldest first.
-    cache: VecDeque<StoredBatch>,
+    cache: VecDeque<CachedBatch>,
     cache_bytes: usize,
     /// Offsets whose stored bytes failed their checksum: refused to readers.
     corrupt: Vec<CorruptRange>,
@@ -762,6 +765,12 @@ impl PartitionLog {
             pos += b.len() as u64;
         }
         debug_assert_eq!(pos, new_end, "flush must end where its bytes end");
+        // The stamped headers of the whole flush in one allocation, shared by the cache.
+        let mut headers = bytes::BytesMut::with_capacity(batches.len() * HEADER_LEN);
+        for b in &batches {
+            headers.extend_from_slice(&b.header);
+        }
+        let mut headers = headers.freeze();
         for b in batches {
             debug_assert_eq!(
                 b.base_offset, st.high_watermark,
@@ -771,7 +780,12 @@ impl PartitionLog {
             st.messages_in += b.last_offset - b.base_offset + 1;
             st.bytes_in += b.len() as u64;
             st.cache_bytes += b.len();
-            st.cache.push_back(b);
+            st.cache.push_back(CachedBatch {
+                header: headers.split_to(HEADER_LEN),
+                body: b.body,
+                base_offset: b.base_offset,
+                last_offset: b.last_offset,
+            });
         }
         st.tail_block = new_tail;
         let open_logs = self.config.metrics.open_logs.get().max(1) as usize;
@@ -862,7 +876,7 @@ impl PartitionLog {
         let mut out = FetchedData {
             high_watermark: self.high_watermark(),
             log_start_offset: self.log_start_offset(),
-            batches: Bytes::new(),
+            batches: BatchBytes::default(),
             out_of_range: false,
         };
         if offset >= out.high_watermark {
@@ -879,29 +893,27 @@ impl PartitionLog {
                 range.last_offset + 1
             )));
         }
-        out.batches = match self.fetch_from_cache(offset, max_bytes) {
-            Some(bytes) => Bytes::from(bytes),
-            None => self.fetch_from_segments(offset, max_bytes).await?,
-        };
-        self.count_out(&out.batches);
-        Ok(out)
-    }
-
-    fn count_out(&self, batches: &[u8]) {
-        // Headers only: every batch was checked when it was read.
-        let mut records = 0u64;
-        let mut at = 0usize;
-        while let Ok(header) = BatchHeader::parse(&batches[at.min(batches.len())..]) {
-            let len = header.batch_len() as usize;
-            if len < HEADER_LEN {
-                break;
+        let records;
+        let metrics = &self.config.metrics;
+        (out.batches, records) = match self.fetch_from_cache(offset, max_bytes) {
+            Some(cached) => {
+                let served = &metrics.fetched_from_memory_bytes;
+                served.set(served.get() + cached.0.len() as u64);
+                cached
             }
-            records += u64::from(header.record_count());
-            at += len;
-        }
+            None => {
+                let read = self.fetch_from_segments(offset, max_bytes).await?;
+                let served = &metrics.fetched_from_disk_bytes;
+                served.set(served.get() + read.len() as u64);
+                let records = count_records(&read);
+                (BatchBytes::from(read), records)
+            }
+        };
         let mut st = self.state.borrow_mut();
         st.messages_out += records;
-        st.bytes_out += batches.len() as u64;
+        st.bytes_out += out.batches.len() as u64;
+        drop(st);
+        Ok(out)
     }
 
     /// The first and last offset of the range recovery found corrupt around `offset`, if
@@ -919,22 +931,32 @@ impl PartitionLog {
             .cloned()
     }
 
-    fn fetch_from_cache(&self, offset: u64, max_bytes: usize) -> Option<Vec<u8>> {
+    /// Whole batches from the in-memory tail, shared rather than copied, and how many
+    /// records they hold; `None` if `offset` is older than the tail.
+    fn fetch_from_cache(&self, offset: u64, max_bytes: usize) -> Option<(BatchBytes, u64)> {
         let st = self.state.borrow();
         let first = st.cache.front()?;
         if first.base_offset > offset {
             return None;
         }
         let at = st.cache.partition_point(|b| b.last_offset < offset);
-        let mut out = Vec::with_capacity(max_bytes.min(st.cache_bytes));
-        for b in st.cache.iter().skip(at) {
-            if !out.is_empty() && out.len() + b.len() > max_bytes {
+        let mut end = at;
+        let mut bytes = 0usize;
+        while let Some(b) = st.cache.get(end) {
+            if end > at && bytes + b.len() > max_bytes {
                 break;
             }
-            out.extend_from_slice(&b.header);
-            out.extend_from_slice(&b.body);
+            bytes += b.len();
+            end += 1;
         }
-        Some(out)
+        let mut out = BatchBytes::with_capacity(2 * (end - at));
+        let mut records = 0u64;
+        for b in st.cache.range(at..end) {
+            out.push(b.header.clone());
+            out.push(b.body.clone());
+            records += b.last_offset - b.base_offset + 1;
+        }
+        Some((out, records))
     }
 
     /// Reads from the segment holding `offset`, moving to the next segment if that one has
@@ -1312,6 +1334,21 @@ fn corrupt_read(path: &Path, pos: u64, what: &str) -> StorageError {
     let msg = format!("stored batch at byte {pos} of {}: {what}", path.display());
     tracing::error!("CORRUPT {msg}; the range is not served");
     StorageError::Corrupt(msg)
+}
+
+/// Records in whole batches read from disk (headers only: each was checked when read).
+fn count_records(batches: &[u8]) -> u64 {
+    let mut records = 0u64;
+    let mut at = 0usize;
+    while let Ok(header) = BatchHeader::parse(&batches[at.min(batches.len())..]) {
+        let len = header.batch_len() as usize;
+        if len < HEADER_LEN {
+            break;
+        }
+        records += u64::from(header.record_count());
+        at += len;
+    }
+    records
 }
 
 async fn save_checkpoint(dir: &Path, checkpoint: Checkpoint) -> Result<(), StorageError> {

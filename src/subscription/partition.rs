@@ -336,7 +336,7 @@ impl SubscriptionPartition {
                 Err(e) => return Err(e),
             };
             let mut last = None;
-            for_each_record(&data.batches, |offset, bytes, _| {
+            for_each_record(&data.batches.contiguous(), |offset, bytes, _| {
                 last = Some(offset);
                 if offsets[i..].binary_search(&offset).is_ok() {
                     found.insert(offset, bytes.to_vec());
@@ -445,7 +445,7 @@ impl SubscriptionPartition {
             let mut nonces = self.nonces.borrow_mut();
             let mut dead = Vec::new();
             let mut ops = Vec::new();
-            for_each_record(&data.batches, |offset, raw, record| {
+            for_each_record(&data.batches.contiguous(), |offset, raw, record| {
                 if out.len() >= max
                     || bytes >= max_bytes
                     || st.unsettled() >= self.limits.max_unsettled

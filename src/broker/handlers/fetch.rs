@@ -1,10 +1,9 @@
 //! Fetch: whole batches of one partition from an offset, with a long poll at the log's end.
-
-use flatbuffers::FlatBufferBuilder;
+//! The batches are shared with the log's memory and sent after the response's other bytes.
 
 use crate::broker::shard::Shard;
 use crate::protocol::frame::OutFrame;
-use crate::protocol::message::{finish_response, ApiError};
+use crate::protocol::message::{builder_with_tail_vector, finish_response_with_tail, ApiError};
 use crate::protocol::wire;
 
 pub(super) async fn handle(
@@ -22,8 +21,8 @@ pub(super) async fn handle(
             req.max_wait_ms(),
         )
         .await?;
-    let mut fbb = FlatBufferBuilder::with_capacity(256 + topic.len() + data.batches.len());
-    let batches = fbb.create_vector(&data.batches);
+    // The batches are not copied into the response: they follow it on the wire.
+    let (mut fbb, batches) = builder_with_tail_vector(256 + topic.len());
     let topic_name = topic;
     let topic = fbb.create_string(topic);
     let error = data.out_of_range.then(|| {
@@ -50,10 +49,13 @@ pub(super) async fn handle(
             error,
         },
     );
-    Ok(finish_response(
+    let tail_len = data.batches.len();
+    finish_response_with_tail(
         fbb,
         id,
         wire::ResponseBody::FetchResponse,
         body.as_union_value(),
-    ))
+        data.batches.into_pieces(),
+        tail_len,
+    )
 }
