@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::channel::oneshot;
+use futures::future::{FutureExt, Shared};
 use glommio::io::DmaFile;
 use glommio::sync::Semaphore;
 
@@ -160,12 +161,15 @@ struct SegmentRead {
     next_pos: u64,
 }
 
-/// Where the last disk read of a log stopped, and the bytes after it once read ahead.
+/// Where the last disk read of a log stopped, and the read of the bytes after it.
 struct ReadAhead {
     segment_base: u64,
     next_offset: u64,
     pos: u64,
-    data: Option<Bytes>,
+    /// The read, shared so that a reader that comes before it ends waits for it rather than
+    /// reading the same bytes a second time; `None` if it failed (the reader then reads, and
+    /// reports the error, itself).
+    data: Shared<glommio::Task<Option<Bytes>>>,
 }
 
 /// Figures about a log, for stats and tests.
@@ -994,7 +998,7 @@ impl PartitionLog {
             // Continue where the last read stopped, unless the index knows a later start
             // (after damaged bytes that recovery stepped over).
             let (start, ahead) = match self.take_read_ahead(offset, base) {
-                Some((pos, data)) if entry.1 <= pos => ((offset, pos), data),
+                Some((pos, data)) if entry.1 <= pos => ((offset, pos), data.await),
                 _ => (entry, None),
             };
             let read = self
@@ -1008,8 +1012,12 @@ impl PartitionLog {
         }
     }
 
-    /// The read-ahead left for a read of `offset` in segment `base`: (position, bytes).
-    fn take_read_ahead(&self, offset: u64, base: u64) -> Option<(u64, Option<Bytes>)> {
+    /// The read-ahead left for a read of `offset` in segment `base`: (position, its read).
+    fn take_read_ahead(
+        &self,
+        offset: u64,
+        base: u64,
+    ) -> Option<(u64, Shared<glommio::Task<Option<Bytes>>>)> {
         let mut st = self.state.borrow_mut();
         let matches = st
             .read_ahead
@@ -1021,7 +1029,8 @@ impl PartitionLog {
         st.read_ahead.take().map(|ra| (ra.pos, ra.data))
     }
 
-    /// Notes where a disk read stopped and reads the next `len` bytes of the segment ahead.
+    /// Notes where a disk read stopped and starts reading the next `len` bytes of the
+    /// segment (up to its end) ahead.
     fn start_read_ahead(
         self: &Rc<Self>,
         file: Rc<DmaFile>,
@@ -1030,36 +1039,32 @@ impl PartitionLog {
         pos: u64,
         len: usize,
     ) {
-        self.state.borrow_mut().read_ahead = Some(ReadAhead {
+        let mut st = self.state.borrow_mut();
+        let end = st
+            .segments
+            .iter()
+            .find(|s| s.base_offset == base)
+            .map_or(0, |s| s.end);
+        if pos >= end {
+            st.read_ahead = None;
+            return;
+        }
+        let n = (len as u64).min(end - pos) as usize;
+        let max_io_bytes = self.config.max_io_bytes;
+        // The task holds the file, not the log: a log dropped meanwhile drops the read.
+        let data = glommio::spawn_local(async move {
+            dma::read_range(&file, pos, n, max_io_bytes)
+                .await
+                .ok()
+                .map(Bytes::from)
+        })
+        .shared();
+        st.read_ahead = Some(ReadAhead {
             segment_base: base,
             next_offset,
             pos,
-            data: None,
+            data,
         });
-        let log = Rc::clone(self);
-        glommio::spawn_local(async move {
-            let end = {
-                let st = log.state.borrow();
-                st.segments
-                    .iter()
-                    .find(|s| s.base_offset == base)
-                    .map_or(0, |s| s.end)
-            };
-            if pos >= end {
-                return;
-            }
-            let n = (len as u64).min(end - pos) as usize;
-            let Ok(bytes) = dma::read_range(&file, pos, n, log.config.max_io_bytes).await else {
-                return; // the reader will read (and report) it itself
-            };
-            let mut st = log.state.borrow_mut();
-            if let Some(ra) = st.read_ahead.as_mut() {
-                if ra.segment_base == base && ra.next_offset == next_offset && ra.pos == pos {
-                    ra.data = Some(Bytes::from(bytes));
-                }
-            }
-        })
-        .detach();
     }
 
     /// Reads whole batches from `start` = (offset of the batch there, position), walking to
