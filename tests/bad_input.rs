@@ -22,7 +22,8 @@ fn connect(addr: &str) -> TcpStream {
 }
 
 fn produce_frame(id: u64, topic: &str, partition: u32, batches: &[u8]) -> Vec<u8> {
-    requests::produce(id, topic, partition, batches).as_bytes()[4..].to_vec()
+    requests::produce(id, topic, partition, bytes::Bytes::copy_from_slice(batches)).to_vec()[4..]
+        .to_vec()
 }
 
 fn fetch_frame(id: u64, topic: &str, partition: u32, offset: u64) -> Vec<u8> {

@@ -45,7 +45,7 @@ fn list_topics_frame(id: u64) -> Vec<u8> {
 }
 
 fn produce_frame(id: u64, topic: &str, batches: &[u8]) -> Vec<u8> {
-    requests::produce(id, topic, 0, batches).as_bytes().to_vec()
+    requests::produce(id, topic, 0, bytes::Bytes::copy_from_slice(batches)).to_vec()
 }
 
 struct Rng(u64);

@@ -6,6 +6,8 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use corebus::client::Client;
 use corebus::record::{BatchBuilder, RecordWriter};
 use futures::future::join_all;
@@ -92,7 +94,7 @@ pub fn messages_per_batch(args: &Args) -> usize {
     ((args.batch_bytes.saturating_sub(64)) / per_message).max(1)
 }
 
-async fn send(shared: &Shared, partition: u32, bytes: &[u8], sent: &[u64]) {
+async fn send(shared: &Shared, partition: u32, bytes: Bytes, sent: &[u64]) {
     match shared
         .client
         .produce_submit(&shared.topic, partition, bytes)
@@ -165,7 +167,7 @@ async fn closed_loop(shared: Rc<Shared>, cursor: Rc<Cursor>) {
                     |_| now,
                 );
                 sent.iter_mut().for_each(|s| *s = now);
-                send(&shared, partition, &bytes, &sent).await;
+                send(&shared, partition, Bytes::from(bytes), &sent).await;
             }
         }
     });
@@ -208,7 +210,7 @@ async fn open_loop(shared: Rc<Shared>, cursor: Rc<Cursor>, rate: u64) {
         // then wait for the reply in a task of its own.
         let reply = match shared
             .client
-            .produce_submit(&shared.topic, partition, &bytes)
+            .produce_submit(&shared.topic, partition, Bytes::from(bytes))
             .await
         {
             Ok(reply) => reply,

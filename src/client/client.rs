@@ -355,12 +355,13 @@ impl Client {
     }
 
     /// Produces concatenated record `batches` to one partition; returns the offsets of the
-    /// first and last record once the broker acknowledged them.
+    /// first and last record once the broker acknowledged them. The bytes are sent from where
+    /// they are, not copied into the request.
     pub async fn produce(
         &self,
         topic: &str,
         partition: u32,
-        batches: &[u8],
+        batches: Bytes,
     ) -> Result<(u64, u64), ClientError> {
         let conn = self.connection_for(topic, partition).await?;
         produce_on(&conn, topic, partition, batches).await
@@ -372,7 +373,7 @@ impl Client {
         &self,
         topic: &str,
         partition: u32,
-        batches: &[u8],
+        batches: Bytes,
     ) -> Result<Reply, ClientError> {
         let conn = self.connection_for(topic, partition).await?;
         conn.submit(|id| requests::produce(id, topic, partition, batches))
@@ -414,7 +415,7 @@ pub async fn produce_on(
     conn: &Connection,
     topic: &str,
     partition: u32,
-    batches: &[u8],
+    batches: Bytes,
 ) -> Result<(u64, u64), ClientError> {
     let reply = conn
         .submit(|id| requests::produce(id, topic, partition, batches))

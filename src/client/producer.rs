@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use bytes::Bytes;
 use futures::channel::oneshot;
 use glommio::sync::Semaphore;
 
@@ -114,7 +115,7 @@ impl Producer {
         let client = Rc::clone(&self.client);
         let topic = Rc::clone(&self.topic);
         glommio::spawn_local(async move {
-            let result = client.produce(&topic, partition, &bytes).await;
+            let result = client.produce(&topic, partition, Bytes::from(bytes)).await;
             drop(permit);
             match result {
                 Ok((base, _)) => {

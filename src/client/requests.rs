@@ -2,16 +2,19 @@
 //! the client uses them with a fresh correlation id, and tests use them to speak the protocol
 //! on raw sockets.
 
+use bytes::Bytes;
 use flatbuffers::FlatBufferBuilder;
 
 use crate::protocol::frame::OutFrame;
-use crate::protocol::message::finish_request;
+use crate::protocol::message::{
+    builder_with_tail_vector, finish_request, finish_request_with_tail,
+};
 use crate::protocol::wire;
 
-/// A produce of concatenated `batches` to one partition.
-pub fn produce(id: u64, topic: &str, partition: u32, batches: &[u8]) -> OutFrame {
-    let mut fbb = FlatBufferBuilder::with_capacity(256 + topic.len() + batches.len());
-    let data = fbb.create_vector(batches);
+/// A produce of concatenated `batches` to one partition. The batches are not copied into the
+/// request: they follow its other bytes on the wire (see `OutFrame::with_trailing_vector`).
+pub fn produce(id: u64, topic: &str, partition: u32, batches: Bytes) -> OutFrame {
+    let (mut fbb, data) = builder_with_tail_vector(256 + topic.len());
     let part = wire::PartitionProduce::create(
         &mut fbb,
         &wire::PartitionProduceArgs {
@@ -28,11 +31,12 @@ pub fn produce(id: u64, topic: &str, partition: u32, batches: &[u8]) -> OutFrame
             partitions: Some(parts),
         },
     );
-    finish_request(
+    finish_request_with_tail(
         fbb,
         id,
         wire::RequestBody::ProduceRequest,
         body.as_union_value(),
+        batches,
     )
 }
 

@@ -197,6 +197,16 @@ impl OutFrame {
         Some(frame)
     }
 
+    /// A frame that announces `u32::MAX` bytes: what a request too large for any frame turns
+    /// into, so that the peer refuses it by its length prefix.
+    pub fn too_large() -> Self {
+        Self {
+            buf: u32::MAX.to_le_bytes().to_vec(),
+            head: 0,
+            tail: Vec::new(),
+        }
+    }
+
     /// The builder's bytes: the whole frame when it has no tail.
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf[self.head..]

@@ -110,6 +110,29 @@ pub fn finish_request(
     OutFrame::from_builder(fbb)
 }
 
+/// Like [`finish_request`], with the vector of [`builder_with_tail_vector`] holding `tail`,
+/// which is sent after the builder's bytes instead of being copied in. A tail too large for a
+/// frame makes a frame the broker refuses as too large, as the copied request would have been.
+pub fn finish_request_with_tail(
+    mut fbb: FlatBufferBuilder<'_>,
+    correlation_id: u64,
+    body_type: wire::RequestBody,
+    body: WIPOffset<UnionWIPOffset>,
+    tail: bytes::Bytes,
+) -> OutFrame {
+    let request = wire::Request::create(
+        &mut fbb,
+        &wire::RequestArgs {
+            correlation_id,
+            body_type,
+            body: Some(body),
+        },
+    );
+    fbb.finish_size_prefixed(request, None);
+    let tail_len = tail.len();
+    OutFrame::with_trailing_vector(fbb, vec![tail], tail_len).unwrap_or_else(OutFrame::too_large)
+}
+
 /// Finishes a successful response envelope around `body`.
 pub fn finish_response(
     mut fbb: FlatBufferBuilder<'_>,
