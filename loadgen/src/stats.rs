@@ -44,6 +44,8 @@ pub struct Stats {
     pub consumed_bytes: Cell<u64>,
     /// Messages consumed in total (verification).
     pub consumed_total: Cell<u64>,
+    /// Bytes of values consumed in total, warmup included (a catch-up reads them all).
+    pub consumed_total_bytes: Cell<u64>,
     /// Failed requests and verification errors.
     pub errors: Cell<u64>,
     /// First error messages, for the report.
@@ -69,6 +71,7 @@ impl Stats {
             consumed: Cell::new(0),
             consumed_bytes: Cell::new(0),
             consumed_total: Cell::new(0),
+            consumed_total_bytes: Cell::new(0),
             errors: Cell::new(0),
             error_samples: RefCell::new(Vec::new()),
             ack_latency: RefCell::new(histogram()),
@@ -112,6 +115,8 @@ impl Stats {
     /// Records a message consumed at `now_ns` that was sent at `sent_ns`.
     pub fn consumed(&self, sent_ns: u64, now_ns: u64, bytes: usize) {
         self.consumed_total.set(self.consumed_total.get() + 1);
+        self.consumed_total_bytes
+            .set(self.consumed_total_bytes.get() + bytes as u64);
         if sent_ns < self.measure_from_ns.get() {
             return;
         }

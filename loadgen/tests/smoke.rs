@@ -83,3 +83,24 @@ fn open_loop_run_holds_its_rate() {
         "open loop at 5000 msg/s produced {rate}"
     );
 }
+
+/// A catch-up reads the whole backlog after the producers stop, the warmup's messages too:
+/// its consume figures count them all (so its rate is over everything it read).
+#[test]
+fn catch_up_counts_every_message_it_reads() {
+    let v = run(&[
+        "--catch-up",
+        "--partitions",
+        "2",
+        "--broker-cache-bytes",
+        "64KiB",
+    ]);
+    assert_report_shape(&v);
+    let produced = v["produce"]["messages"].as_u64().expect("messages");
+    let consumed = v["consume"]["messages"].as_u64().expect("messages");
+    assert!(produced > 0);
+    assert!(
+        consumed > produced,
+        "the catch-up read the warmup's messages too: {consumed} read, {produced} measured"
+    );
+}

@@ -98,21 +98,13 @@ pub fn finish_request(
     body_type: wire::RequestBody,
     body: WIPOffset<UnionWIPOffset>,
 ) -> OutFrame {
-    let request = wire::Request::create(
-        &mut fbb,
-        &wire::RequestArgs {
-            correlation_id,
-            body_type,
-            body: Some(body),
-        },
-    );
-    fbb.finish_size_prefixed(request, None);
+    seal_request(&mut fbb, correlation_id, body_type, body);
     OutFrame::from_builder(fbb)
 }
 
 /// Like [`finish_request`], with the vector of [`builder_with_tail_vector`] holding `tail`,
-/// which is sent after the builder's bytes instead of being copied in. A tail too large for a
-/// frame makes a frame the broker refuses as too large, as the copied request would have been.
+/// which is sent after the builder's bytes instead of being copied in. A tail too large for
+/// any frame gives a frame whose length prefix the broker refuses (`OutFrame::too_large`).
 pub fn finish_request_with_tail(
     mut fbb: FlatBufferBuilder<'_>,
     correlation_id: u64,
@@ -120,8 +112,19 @@ pub fn finish_request_with_tail(
     body: WIPOffset<UnionWIPOffset>,
     tail: bytes::Bytes,
 ) -> OutFrame {
+    seal_request(&mut fbb, correlation_id, body_type, body);
+    let tail_len = tail.len();
+    OutFrame::with_trailing_vector(fbb, vec![tail], tail_len).unwrap_or_else(OutFrame::too_large)
+}
+
+fn seal_request(
+    fbb: &mut FlatBufferBuilder<'_>,
+    correlation_id: u64,
+    body_type: wire::RequestBody,
+    body: WIPOffset<UnionWIPOffset>,
+) {
     let request = wire::Request::create(
-        &mut fbb,
+        fbb,
         &wire::RequestArgs {
             correlation_id,
             body_type,
@@ -129,8 +132,6 @@ pub fn finish_request_with_tail(
         },
     );
     fbb.finish_size_prefixed(request, None);
-    let tail_len = tail.len();
-    OutFrame::with_trailing_vector(fbb, vec![tail], tail_len).unwrap_or_else(OutFrame::too_large)
 }
 
 /// Finishes a successful response envelope around `body`.
@@ -140,20 +141,11 @@ pub fn finish_response(
     body_type: wire::ResponseBody,
     body: WIPOffset<UnionWIPOffset>,
 ) -> OutFrame {
-    let response = wire::Response::create(
-        &mut fbb,
-        &wire::ResponseArgs {
-            correlation_id,
-            error: None,
-            body_type,
-            body: Some(body),
-        },
-    );
-    fbb.finish_size_prefixed(response, None);
+    seal_response(&mut fbb, correlation_id, body_type, body);
     OutFrame::from_builder(fbb)
 }
 
-/// A builder for a response with a byte vector to be filled by
+/// A builder for a message with a byte vector to be filled by [`finish_request_with_tail`] or
 /// [`finish_response_with_tail`]: the vector (returned) is created empty as the builder's very
 /// first object, which puts its length at the end of the buffer.
 pub fn builder_with_tail_vector(
@@ -177,8 +169,23 @@ pub fn finish_response_with_tail(
     tail: Vec<bytes::Bytes>,
     tail_len: usize,
 ) -> Result<OutFrame, ApiError> {
+    seal_response(&mut fbb, correlation_id, body_type, body);
+    OutFrame::with_trailing_vector(fbb, tail, tail_len).ok_or_else(|| {
+        ApiError::new(
+            wire::ErrorCode::TooLarge,
+            format!("a response of {tail_len} bytes of batches does not fit in one frame"),
+        )
+    })
+}
+
+fn seal_response(
+    fbb: &mut FlatBufferBuilder<'_>,
+    correlation_id: u64,
+    body_type: wire::ResponseBody,
+    body: WIPOffset<UnionWIPOffset>,
+) {
     let response = wire::Response::create(
-        &mut fbb,
+        fbb,
         &wire::ResponseArgs {
             correlation_id,
             error: None,
@@ -187,12 +194,6 @@ pub fn finish_response_with_tail(
         },
     );
     fbb.finish_size_prefixed(response, None);
-    OutFrame::with_trailing_vector(fbb, tail, tail_len).ok_or_else(|| {
-        ApiError::new(
-            wire::ErrorCode::TooLarge,
-            format!("a response of {tail_len} bytes of batches does not fit in one frame"),
-        )
-    })
 }
 
 /// A response that carries only an error.
