@@ -174,9 +174,11 @@ impl OutFrame {
     /// A frame whose builder created an empty `[ubyte]` vector as its very first object, so
     /// that the vector's length is the builder's last four bytes: the vector is made to hold
     /// `tail` (`tail_len` bytes), which goes on the wire right after the builder's bytes.
-    /// The wire bytes are those of a builder that had copied `tail` in; here it is never
-    /// copied (fetched batches go from the log's memory to the socket). `None` if the frame
-    /// would exceed 4 GiB or the builder does not end with an empty vector.
+    /// A reader sees the message of a builder that had copied `tail` in (only the padding
+    /// after the vector differs); here it is never copied (fetched batches go from the log's
+    /// memory to the socket). `None` if the frame would exceed 4 GiB, or if the builder's last
+    /// four bytes are not zero (then it cannot end with an empty vector; build it with
+    /// `protocol::message::builder_with_tail_vector`).
     pub fn with_trailing_vector(
         builder: flatbuffers::FlatBufferBuilder<'_>,
         tail: Vec<Bytes>,

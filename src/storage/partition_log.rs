@@ -1039,19 +1039,21 @@ impl PartitionLog {
         pos: u64,
         len: usize,
     ) {
-        let mut st = self.state.borrow_mut();
-        let end = st
-            .segments
-            .iter()
-            .find(|s| s.base_offset == base)
-            .map_or(0, |s| s.end);
-        if pos >= end {
+        let end = {
+            let mut st = self.state.borrow_mut();
             st.read_ahead = None;
+            st.segments
+                .iter()
+                .find(|s| s.base_offset == base)
+                .map_or(0, |s| s.end)
+        };
+        if pos >= end {
             return;
         }
         let n = (len as u64).min(end - pos) as usize;
         let max_io_bytes = self.config.max_io_bytes;
         // The task holds the file, not the log: a log dropped meanwhile drops the read.
+        // glommio may run a spawned task right away: no borrow is held here.
         let data = glommio::spawn_local(async move {
             dma::read_range(&file, pos, n, max_io_bytes)
                 .await
@@ -1059,7 +1061,7 @@ impl PartitionLog {
                 .map(Bytes::from)
         })
         .shared();
-        st.read_ahead = Some(ReadAhead {
+        self.state.borrow_mut().read_ahead = Some(ReadAhead {
             segment_base: base,
             next_offset,
             pos,
