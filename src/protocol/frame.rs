@@ -173,7 +173,7 @@ impl OutFrame {
 
     /// A frame whose builder created an empty `[ubyte]` vector as its very first object, so
     /// that the vector's length is the builder's last four bytes: the vector is made to hold
-    /// `tail` (`tail_len` bytes), which goes on the wire right after the builder's bytes.
+    /// the pieces of `tail`, which go on the wire right after the builder's bytes.
     /// A reader sees the message of a builder that had copied `tail` in (only the padding
     /// after the vector differs); here it is never copied (fetched batches go from the log's
     /// memory to the socket). `None` if the frame would exceed 4 GiB, or if the builder's last
@@ -182,8 +182,8 @@ impl OutFrame {
     pub fn with_trailing_vector(
         builder: flatbuffers::FlatBufferBuilder<'_>,
         tail: Vec<Bytes>,
-        tail_len: usize,
     ) -> Option<Self> {
+        let tail_len: usize = tail.iter().map(Bytes::len).sum();
         let mut frame = Self::from_builder(builder);
         let bytes = &mut frame.buf[frame.head..];
         let n = bytes.len();
@@ -375,8 +375,7 @@ mod tests {
                     .iter()
                     .map(|&n| Bytes::from(vec![i as u8 + 1; n]))
                     .collect();
-                let len = sizes.iter().sum();
-                OutFrame::with_trailing_vector(fbb, tail, len).expect("ends with an empty vector")
+                OutFrame::with_trailing_vector(fbb, tail).expect("ends with an empty vector")
             })
             .collect();
         let mut writer = FrameWriter::new(futures_lite::io::Cursor::new(Vec::new()));

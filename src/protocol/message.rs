@@ -113,8 +113,7 @@ pub fn finish_request_with_tail(
     tail: bytes::Bytes,
 ) -> OutFrame {
     seal_request(&mut fbb, correlation_id, body_type, body);
-    let tail_len = tail.len();
-    OutFrame::with_trailing_vector(fbb, vec![tail], tail_len).unwrap_or_else(OutFrame::too_large)
+    OutFrame::with_trailing_vector(fbb, vec![tail]).unwrap_or_else(OutFrame::too_large)
 }
 
 fn seal_request(
@@ -160,17 +159,17 @@ pub fn builder_with_tail_vector(
 }
 
 /// Like [`finish_response`], with the vector of [`builder_with_tail_vector`] holding `tail`
-/// (`tail_len` bytes), which is sent after the builder's bytes instead of being copied in.
+/// (its pieces in order), which is sent after the builder's bytes instead of being copied in.
 pub fn finish_response_with_tail(
     mut fbb: FlatBufferBuilder<'_>,
     correlation_id: u64,
     body_type: wire::ResponseBody,
     body: WIPOffset<UnionWIPOffset>,
     tail: Vec<bytes::Bytes>,
-    tail_len: usize,
 ) -> Result<OutFrame, ApiError> {
+    let tail_len: usize = tail.iter().map(bytes::Bytes::len).sum();
     seal_response(&mut fbb, correlation_id, body_type, body);
-    OutFrame::with_trailing_vector(fbb, tail, tail_len).ok_or_else(|| {
+    OutFrame::with_trailing_vector(fbb, tail).ok_or_else(|| {
         ApiError::new(
             wire::ErrorCode::TooLarge,
             format!("a response of {tail_len} bytes of batches does not fit in one frame"),
@@ -260,15 +259,8 @@ mod tests {
             bytes::Bytes::copy_from_slice(&batches[..7]),
             bytes::Bytes::copy_from_slice(&batches[7..]),
         ];
-        let framed = finish_response_with_tail(
-            fbb,
-            5,
-            wire::ResponseBody::FetchResponse,
-            b,
-            tail,
-            batches.len(),
-        )
-        .expect("fits");
+        let framed = finish_response_with_tail(fbb, 5, wire::ResponseBody::FetchResponse, b, tail)
+            .expect("fits");
         let wire_bytes = framed.to_vec();
         let len = u32::from_le_bytes([wire_bytes[0], wire_bytes[1], wire_bytes[2], wire_bytes[3]]);
         assert_eq!(len as usize, wire_bytes.len() - 4);
@@ -301,7 +293,6 @@ mod tests {
             wire::ResponseBody::FetchResponse,
             b.as_union_value(),
             vec![bytes::Bytes::from_static(b"x")],
-            1,
         );
         assert!(result.is_err());
     }

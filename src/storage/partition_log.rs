@@ -897,9 +897,8 @@ impl PartitionLog {
                 range.last_offset + 1
             )));
         }
-        let records;
         let metrics = &self.config.metrics;
-        (out.batches, records) = match self.fetch_from_cache(offset, max_bytes) {
+        let (batches, records) = match self.fetch_from_cache(offset, max_bytes) {
             Some(cached) => {
                 let served = &metrics.fetched_from_memory_bytes;
                 served.set(served.get() + cached.0.len() as u64);
@@ -913,10 +912,12 @@ impl PartitionLog {
                 (BatchBytes::from(read), records)
             }
         };
-        let mut st = self.state.borrow_mut();
-        st.messages_out += records;
-        st.bytes_out += out.batches.len() as u64;
-        drop(st);
+        {
+            let mut st = self.state.borrow_mut();
+            st.messages_out += records;
+            st.bytes_out += batches.len() as u64;
+        }
+        out.batches = batches;
         Ok(out)
     }
 

@@ -49,13 +49,11 @@ pub(super) async fn handle(
             error,
         },
     );
-    let tail_len = data.batches.len();
     finish_response_with_tail(
         fbb,
         id,
         wire::ResponseBody::FetchResponse,
         body.as_union_value(),
         data.batches.into_pieces(),
-        tail_len,
     )
 }
