@@ -120,6 +120,16 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Flushes that failed (their batches were not acknowledged).",
     ),
     (
+        "corebus_synced_flushes_total",
+        "counter",
+        "Durable flushes by what synced them: an fdatasync of their own file, or the shard's shared call.",
+    ),
+    (
+        "corebus_shard_syncs_total",
+        "counter",
+        "Shared sync calls of the shard (disk cache flushes or syncfs), each serving every flush that waited for it.",
+    ),
+    (
         "corebus_open_logs",
         "gauge",
         "Partition logs open on the shard.",
@@ -314,6 +324,12 @@ pub struct StorageMetrics {
     pub flush_batches: Histogram,
     /// Flushes that failed.
     pub flush_errors: Cell<u64>,
+    /// Durable flushes made durable by an `fdatasync` of their own segment file.
+    pub file_synced_flushes: Cell<u64>,
+    /// Durable flushes made durable by the shard's shared call (see `storage::shard_sync`).
+    pub shard_synced_flushes: Cell<u64>,
+    /// Shared calls the shard's syncer made (each serves every flush that waited for it).
+    pub shard_syncs: Cell<u64>,
     /// Partition logs open on the shard (prewriting splits its budget among them).
     pub open_logs: Cell<u64>,
     /// Bytes zero-filled ahead of partitions' ends (see `storage::prewrite`).
@@ -334,6 +350,9 @@ impl Default for StorageMetrics {
             flush_bytes: Histogram::new(SIZE_BUCKETS),
             flush_batches: Histogram::new(COUNT_BUCKETS),
             flush_errors: Cell::new(0),
+            file_synced_flushes: Cell::new(0),
+            shard_synced_flushes: Cell::new(0),
+            shard_syncs: Cell::new(0),
             open_logs: Cell::new(0),
             prewritten_bytes: Cell::new(0),
             prewrites_in_flight: Cell::new(0),
@@ -359,6 +378,24 @@ impl StorageMetrics {
             labels,
             self.flush_errors.get(),
         );
+        let sep = if labels.is_empty() { "" } else { "," };
+        for (by, flushes) in [
+            ("file", &self.file_synced_flushes),
+            ("shard", &self.shard_synced_flushes),
+        ] {
+            sample(
+                out,
+                "corebus_synced_flushes_total",
+                &format!("{labels}{sep}by=\"{by}\""),
+                flushes.get(),
+            );
+        }
+        sample(
+            out,
+            "corebus_shard_syncs_total",
+            labels,
+            self.shard_syncs.get(),
+        );
         sample(out, "corebus_open_logs", labels, self.open_logs.get());
         sample(
             out,
@@ -372,7 +409,6 @@ impl StorageMetrics {
             labels,
             self.prewritten_bytes.get(),
         );
-        let sep = if labels.is_empty() { "" } else { "," };
         for (source, bytes) in [
             ("memory", &self.fetched_from_memory_bytes),
             ("disk", &self.fetched_from_disk_bytes),

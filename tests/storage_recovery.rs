@@ -11,7 +11,7 @@ use bytes::Bytes;
 use corebus::metrics::StorageMetrics;
 use corebus::record::{BatchBuilder, BatchIter, RecordWriter};
 use corebus::storage::checkpoint::Checkpoint;
-use corebus::storage::{LogConfig, PartitionLog, PrewriteConfig};
+use corebus::storage::{LogConfig, PartitionLog, PrewriteConfig, ShardSync};
 
 const SEGMENT: &str = "00000000000000000000.log";
 
@@ -22,10 +22,15 @@ fn config() -> Rc<LogConfig> {
     })
 }
 
+/// The value of record `i` in the batches of [`batch`].
+fn value_of(i: u64) -> String {
+    format!("record-{i:05}-{}", "p".repeat((i % 37) as usize))
+}
+
 fn batch(first: u64, records: u64) -> Bytes {
     let mut b = BatchBuilder::new();
     for i in first..first + records {
-        let value = format!("record-{i:05}-{}", "p".repeat((i % 37) as usize));
+        let value = value_of(i);
         b.push(&RecordWriter {
             timestamp_ms: 1_000 + i as i64,
             value: value.as_bytes(),
@@ -479,6 +484,83 @@ fn catching_up_from_disk_through_the_read_ahead_serves_every_record_once() {
         assert_eq!(first.header().base_offset(), 30);
         assert_eq!(read_all(&log).await, expected);
         log.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .expect("executor");
+}
+
+/// With the shard's shared disk flush, a flush that only overwrites blocks an `fdatasync`
+/// committed (the prewritten stretch) waits for one flush of the disk's cache shared by the
+/// partitions that wrote meanwhile; a flush into blocks not yet committed syncs its own file.
+#[test]
+fn flushes_that_only_overwrite_committed_blocks_share_one_disk_flush() {
+    let metrics = Rc::new(StorageMetrics::default());
+    corebus::runtime::block_on(None, async move {
+        let dir = common::fresh_dir("shared-flush");
+        corebus::storage::superblock::ensure(&dir).expect("superblock");
+        corebus::storage::superblock::verify(&dir)
+            .await
+            .expect("direct-I/O self-test");
+        let syncer = ShardSync::disk_flush(&dir, Rc::clone(&metrics))
+            .await
+            .expect("statfs")
+            .expect("the test directory must be on ext4 or XFS");
+        let config = Rc::new(LogConfig {
+            preallocate_bytes: 2 << 20,
+            prewrite: PrewriteConfig {
+                ahead_bytes: 1 << 20,
+                shard_budget_bytes: 8 << 20,
+                max_flush_bytes: 512 << 10,
+            },
+            shard_sync: Some(syncer),
+            metrics: Rc::clone(&metrics),
+            ..LogConfig::default()
+        });
+        let mut logs = Vec::new();
+        for p in 0..4 {
+            let log_dir = dir.join(format!("p{p}"));
+            std::fs::create_dir_all(&log_dir).expect("log dir");
+            let log = PartitionLog::open(&log_dir, Rc::clone(&config))
+                .await
+                .expect("open");
+            logs.push((log_dir, log));
+        }
+        // A fresh segment: nothing committed yet, so each log syncs its own file.
+        for (_, log) in &logs {
+            let ticket = log.append(&[batch(0, 3)], 1).await.expect("append");
+            ticket.durable().await.expect("durable");
+        }
+        assert_eq!(metrics.file_synced_flushes.get(), 4);
+        assert_eq!(metrics.shard_synced_flushes.get(), 0);
+        // Then each zero-fills ahead and commits that with an fdatasync of its own.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while metrics.prewrites_in_flight.get() > 0 || metrics.prewritten_bytes.get() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the zero-fills did not end"
+            );
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        // Four writes in flight together: all overwrite committed blocks, one disk flush.
+        let mut tickets = Vec::new();
+        for (_, log) in &logs {
+            tickets.push(log.append(&[batch(3, 3)], 1).await.expect("append"));
+        }
+        for t in tickets {
+            t.durable().await.expect("durable");
+        }
+        assert_eq!(metrics.file_synced_flushes.get(), 4);
+        assert_eq!(metrics.shard_synced_flushes.get(), 4);
+        assert_eq!(metrics.shard_syncs.get(), 1, "one call serves the round");
+        for (log_dir, log) in logs {
+            log.close().await;
+            drop(log);
+            let reopened = PartitionLog::open(&log_dir, Rc::clone(&config))
+                .await
+                .expect("reopen");
+            let expected: Vec<String> = (0..6).map(value_of).collect();
+            assert_eq!(read_all(&reopened).await, expected);
+        }
         let _ = std::fs::remove_dir_all(&dir);
     })
     .expect("executor");

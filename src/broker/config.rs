@@ -132,7 +132,7 @@ impl BrokerConfig {
             segment_bytes: 1 << 30,
             segment_ms: None,
             preallocate_bytes: 32 << 20,
-            group_commit: GroupCommit::Partition,
+            group_commit: GroupCommit::SharedFlush,
             prewrite: PrewriteConfig::default(),
             index_interval_bytes: 4096,
             retention_bytes: None,

@@ -110,10 +110,28 @@ impl Shard {
         if !probes.is_empty() && id == 0 {
             tracing::warn!("failure probes are armed (COREBUS_FAILURE_PROBES): test use only");
         }
+        let metrics = ShardMetrics::default();
         let shard_sync = match config.group_commit {
             GroupCommit::Partition => None,
-            GroupCommit::Shard => {
-                Some(ShardSync::open(&config.data_dir).map_err(|e| e.to_string())?)
+            GroupCommit::SharedFlush => {
+                let syncer = ShardSync::disk_flush(&config.data_dir, Rc::clone(&metrics.storage))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if syncer.is_none() && id == 0 {
+                    tracing::warn!(
+                        "--group-commit shared-flush: {} is not on ext4 or XFS, so every flush \
+                         fdatasyncs its own file",
+                        config.data_dir.display()
+                    );
+                }
+                syncer
+            }
+            GroupCommit::Syncfs => {
+                let storage_metrics = Rc::clone(&metrics.storage);
+                Some(
+                    ShardSync::syncfs(&config.data_dir, storage_metrics)
+                        .map_err(|e| e.to_string())?,
+                )
             }
         };
         let shard = Rc::new(Self {
@@ -121,7 +139,7 @@ impl Shard {
             count,
             probes,
             shard_sync,
-            metrics: ShardMetrics::default(),
+            metrics,
             config,
             topics: RefCell::new(TopicMap::new()),
             logs: RefCell::new(HashMap::new()),

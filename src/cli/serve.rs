@@ -90,9 +90,11 @@ pub struct ServeArgs {
     /// Preallocate segment files in steps of this size [default: 32MiB].
     #[arg(long, value_parser = parse_bytes)]
     preallocate_bytes: Option<u64>,
-    /// What a durable flush syncs: `partition` (each partition fdatasyncs its file) or `shard`
-    /// (one syncfs of the data disk serves all of a shard's partitions that wrote meanwhile:
-    /// for many partitions, on a disk given to corebus) [default: partition].
+    /// What a durable flush syncs: `shared-flush` (flushes that only overwrite prewritten,
+    /// committed blocks share one disk cache flush per shard; others fdatasync their file;
+    /// ext4 and XFS), `partition` (each flush fdatasyncs its file) or `syncfs` (one syncfs of
+    /// the data disk serves all of a shard's partitions; for a disk given to corebus)
+    /// [default: shared-flush].
     #[arg(long, value_enum)]
     group_commit: Option<GroupCommit>,
     /// Zero-fill this far ahead of a partition's end so that small flushes overwrite written

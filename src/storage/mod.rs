@@ -25,11 +25,16 @@ pub use state_log::{SnapshotSource, StateLog};
 /// What one durable flush syncs (see `storage::shard_sync`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum GroupCommit {
-    /// Each partition `fdatasync`s its own segment file.
+    /// Each flush `fdatasync`s its own segment file.
     Partition,
+    /// Flushes that only overwrite blocks whose allocation is committed (the prewritten stretch
+    /// ahead of a partition's end) share one flush of the disk's cache per shard; other
+    /// flushes `fdatasync` their own file. On ext4 and XFS; elsewhere as `partition`.
+    SharedFlush,
     /// One `syncfs` of the data directory's filesystem serves every partition of a shard that
-    /// wrote meanwhile: far fewer disk cache flushes with many partitions.
-    Shard,
+    /// wrote meanwhile; it also writes back everything else dirty on that filesystem.
+    #[value(alias = "shard")]
+    Syncfs,
 }
 
 /// When a produce is acknowledged.

@@ -32,7 +32,7 @@ use super::prewrite::{self, PrewriteConfig};
 use super::probes::{FailureProbes, ProbePoint};
 use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
 use super::segment::{self, sync_dir, Segment};
-use super::shard_sync::ShardSync;
+use super::shard_sync::{ShardSync, WriteInFlight};
 use super::{Durability, StorageError};
 use crate::metrics::StorageMetrics;
 use crate::record::batch::{self, BatchHeader, HEADER_LEN};
@@ -94,6 +94,14 @@ impl Default for LogConfig {
             metrics: Rc::new(StorageMetrics::default()),
         }
     }
+}
+
+/// What made a flush durable.
+enum SyncedBy {
+    /// An `fdatasync` of the segment file (which also committed its metadata).
+    OwnFile,
+    /// The shard's shared call (see `storage::shard_sync`).
+    Shard,
 }
 
 /// A batch stamped with its offsets, as it will be stored. The body is the producer's bytes
@@ -465,14 +473,18 @@ impl PartitionLog {
                     continue;
                 }
             }
-            let (batches, bytes, file, start_pos, carry, needed, allocated) = {
+            let (batches, bytes, file, start_pos, carry, needed, allocated, synced_to) = {
                 let mut st = self.state.borrow_mut();
                 let Some(active) = st.segments.back() else {
                     st.flushing = false;
                     return;
                 };
-                let (end, allocated, file) =
-                    (active.end, active.allocated, Rc::clone(&active.file));
+                let (end, allocated, synced_to, file) = (
+                    active.end,
+                    active.allocated,
+                    active.synced_to,
+                    Rc::clone(&active.file),
+                );
                 let mut batches = Vec::new();
                 let mut bytes = 0usize;
                 while let Some(next) = st.pending.front() {
@@ -496,6 +508,7 @@ impl PartitionLog {
                     st.tail_block.clone(),
                     needed,
                     allocated,
+                    synced_to,
                 )
             };
             for tx in self.state.borrow_mut().space_waiters.drain(..) {
@@ -520,6 +533,16 @@ impl PartitionLog {
             let started = std::time::Instant::now();
             metrics.flush_bytes.observe(bytes as f64);
             metrics.flush_batches.observe(batches.len() as f64);
+            // Only rewritten blocks whose allocation is committed: no metadata to sync.
+            let overwrite = needed <= synced_to;
+            let shared_sync = match &self.config.shard_sync {
+                Some(shard)
+                    if self.config.durability == Durability::Sync && shard.serves(overwrite) =>
+                {
+                    Some(shard.write_started())
+                }
+                _ => None,
+            };
             let written = match self.config.probes.hit(ProbePoint::Write) {
                 Some(e) => Err(StorageError::io(
                     format!("writing {}", self.active_path().display()),
@@ -530,7 +553,14 @@ impl PartitionLog {
             let result = match written {
                 Err(e) => Err((e, false)),
                 Ok(()) if self.config.durability == Durability::Sync => {
-                    self.sync(&file).await.map_err(|e| (e, true))
+                    match self.sync(&file, shared_sync).await {
+                        Ok(SyncedBy::OwnFile) => {
+                            self.mark_synced(&file, needed);
+                            Ok(())
+                        }
+                        Ok(SyncedBy::Shard) => Ok(()),
+                        Err(e) => Err((e, true)),
+                    }
                 }
                 Ok(()) => Ok(()),
             };
@@ -613,7 +643,9 @@ impl PartitionLog {
                     prewritten.set(prewritten.get() + (end - start));
                     if let Some(active) = st.segments.back_mut() {
                         if Rc::ptr_eq(&active.file, &file) {
+                            // zero_fill ends with an fdatasync of the file.
                             active.written_to = active.written_to.max(end);
+                            active.synced_to = active.synced_to.max(end);
                         }
                     }
                 }
@@ -634,24 +666,51 @@ impl PartitionLog {
             .map_or_else(|| self.dir.clone(), |s| s.path("log"))
     }
 
-    async fn sync(&self, file: &DmaFile) -> Result<(), StorageError> {
+    /// Makes a flush's completed write durable: by the shard's shared call when the write was
+    /// announced to it (`shared`), else by an `fdatasync` of `file`.
+    async fn sync(
+        &self,
+        file: &DmaFile,
+        shared: Option<WriteInFlight>,
+    ) -> Result<SyncedBy, StorageError> {
         let context = || format!("fdatasync of {}", self.active_path().display());
         if let Some(e) = self.config.probes.hit(ProbePoint::Fdatasync) {
             return Err(StorageError::io(context(), &e));
         }
         let started = std::time::Instant::now();
-        let result = match &self.config.shard_sync {
-            Some(shard) => shard.sync().await,
-            None => file
-                .fdatasync()
-                .await
-                .map_err(|e| StorageError::glommio(context(), e)),
+        let metrics = &self.config.metrics;
+        let result = match shared {
+            Some(write) => {
+                metrics
+                    .shard_synced_flushes
+                    .set(metrics.shard_synced_flushes.get() + 1);
+                write.synced().await.map(|()| SyncedBy::Shard)
+            }
+            None => {
+                metrics
+                    .file_synced_flushes
+                    .set(metrics.file_synced_flushes.get() + 1);
+                file.fdatasync()
+                    .await
+                    .map(|()| SyncedBy::OwnFile)
+                    .map_err(|e| StorageError::glommio(context(), e))
+            }
         };
-        self.config
-            .metrics
+        metrics
             .fdatasync_latency
             .observe(started.elapsed().as_secs_f64());
         result
+    }
+
+    /// An `fdatasync` of `file` committed its blocks below `to` (block-aligned): flushes that
+    /// only overwrite them may share the shard's disk flush from now on.
+    fn mark_synced(&self, file: &Rc<DmaFile>, to: u64) {
+        let mut st = self.state.borrow_mut();
+        if let Some(active) = st.segments.back_mut() {
+            if Rc::ptr_eq(&active.file, file) {
+                active.synced_to = active.synced_to.max(to);
+            }
+        }
     }
 
     /// Preallocates more of the active segment (in steps), so that flushes write into

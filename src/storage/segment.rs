@@ -54,6 +54,10 @@ pub struct Segment {
     /// Blocks below this position are known written (data or prewritten zeros), not just
     /// allocated; see `storage::prewrite`.
     pub written_to: u64,
+    /// Blocks below this are written and an `fdatasync` of this file has committed that: a
+    /// flush that only overwrites them changes no metadata, so a flush of the disk's cache
+    /// alone makes it durable (see `storage::shard_sync`).
+    pub synced_to: u64,
     /// Sparse offset index: (offset, position), ascending.
     pub index: Vec<(u64, u64)>,
     /// Time index: (largest timestamp so far, offset), ascending.
@@ -113,6 +117,7 @@ impl Segment {
             next_offset: base_offset,
             allocated,
             written_to: 0,
+            synced_to: 0,
             index: Vec::new(),
             time_index: Vec::new(),
             index_on_disk: 0,
