@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use corebus::storage::Durability;
+use corebus::storage::{Durability, GroupCommit};
 use corebus::units::parse_duration;
 
 /// Options of a produce/consume run.
@@ -65,6 +65,10 @@ pub struct Args {
     /// shard): large enough to hold a whole `--catch-up` run, it measures consuming from memory.
     #[arg(long, value_parser = corebus::units::parse_bytes)]
     pub broker_cache_bytes: Option<u64>,
+    /// Group commit of the embedded broker (default: the broker's, `shared-flush`).
+    #[arg(long, value_enum)]
+    #[serde(serialize_with = "ser_group_commit")]
+    pub broker_group_commit: Option<GroupCommit>,
     /// CPU for the load generator.
     #[arg(long)]
     pub cpu: Option<usize>,
@@ -86,6 +90,16 @@ fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Er
 
 fn ser_duration_us<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&format!("{}us", d.as_micros()))
+}
+
+fn ser_group_commit<S: serde::Serializer>(
+    g: &Option<GroupCommit>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match g {
+        Some(g) => s.serialize_str(g.as_str()),
+        None => s.serialize_none(),
+    }
 }
 
 fn ser_durability<S: serde::Serializer>(d: &Durability, s: S) -> Result<S::Ok, S::Error> {

@@ -57,6 +57,9 @@ impl Embedded {
         config.shards = 1;
         config.cpus = args.broker_cpu.map(|cpu| vec![cpu]);
         config.durability = args.durability;
+        if let Some(group_commit) = args.broker_group_commit {
+            config.group_commit = group_commit;
+        }
         if let Some(bytes) = args.broker_cache_bytes {
             config.cache_bytes_per_partition = bytes as usize;
             config.cache_bytes_per_shard = bytes as usize;

@@ -37,6 +37,17 @@ pub enum GroupCommit {
     Syncfs,
 }
 
+impl GroupCommit {
+    /// The name used on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Partition => "partition",
+            Self::SharedFlush => "shared-flush",
+            Self::Syncfs => "syncfs",
+        }
+    }
+}
+
 /// When a produce is acknowledged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Durability {

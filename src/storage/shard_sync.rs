@@ -23,8 +23,12 @@
 //!   files): it suits a disk given to corebus.
 //!
 //! Either way, calls do not overlap, and a request waits for the next call to *start* after
-//! it (one in flight may have started before its write completed). A failed call fails every
-//! flush that waited for it, as a failed `fdatasync` would (the partitions turn read-only).
+//! it (one in flight may have started before its write completed). Left at that, partitions
+//! catch the calls one after another (1.5 flushes per call measured with 4 partitions), so a
+//! flush announces its write before issuing it, and a due call first waits for the writes
+//! announced before it: the shard's partitions then write together and share one call per
+//! round. A failed call fails every flush that waited for it, as a failed `fdatasync` would
+//! (the partitions turn read-only).
 
 use std::cell::RefCell;
 use std::collections::BTreeSet;
