@@ -247,8 +247,11 @@ struct LogState {
 }
 
 /// Zero-fills in flight on a shard at most (each holds a 256 KiB buffer and a disk queue slot):
-/// with a thousand small partitions they take turns.
-const MAX_PREWRITES_IN_FLIGHT: u64 = 4;
+/// with a thousand small partitions they take turns. With 4, 1,000 partitions at 100k msgs/s
+/// had most flushes run past their committed stretch (so each fdatasync'd its own file instead
+/// of sharing the shard's disk flush); with 16, 86–95% of them shared it and the ack p50 went
+/// from 250–300 ms to 140–190 ms.
+const MAX_PREWRITES_IN_FLIGHT: u64 = 16;
 
 /// A partition's log. Create with [`PartitionLog::open`].
 pub struct PartitionLog {
