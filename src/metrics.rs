@@ -378,18 +378,16 @@ impl StorageMetrics {
             labels,
             self.flush_errors.get(),
         );
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (by, flushes) in [
-            ("file", &self.file_synced_flushes),
-            ("shard", &self.shard_synced_flushes),
-        ] {
-            sample(
-                out,
-                "corebus_synced_flushes_total",
-                &format!("{labels}{sep}by=\"{by}\""),
-                flushes.get(),
-            );
-        }
+        split_samples(
+            out,
+            "corebus_synced_flushes_total",
+            labels,
+            "by",
+            [
+                ("file", &self.file_synced_flushes),
+                ("shard", &self.shard_synced_flushes),
+            ],
+        );
         sample(
             out,
             "corebus_shard_syncs_total",
@@ -409,17 +407,35 @@ impl StorageMetrics {
             labels,
             self.prewritten_bytes.get(),
         );
-        for (source, bytes) in [
-            ("memory", &self.fetched_from_memory_bytes),
-            ("disk", &self.fetched_from_disk_bytes),
-        ] {
-            sample(
-                out,
-                "corebus_fetch_bytes_total",
-                &format!("{labels}{sep}source=\"{source}\""),
-                bytes.get(),
-            );
-        }
+        split_samples(
+            out,
+            "corebus_fetch_bytes_total",
+            labels,
+            "source",
+            [
+                ("memory", &self.fetched_from_memory_bytes),
+                ("disk", &self.fetched_from_disk_bytes),
+            ],
+        );
+    }
+}
+
+/// One sample of `family` per value of the extra label `key`, after `labels`.
+fn split_samples<const N: usize>(
+    out: &mut Samples,
+    family: &'static str,
+    labels: &str,
+    key: &str,
+    values: [(&str, &Cell<u64>); N],
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (value, counter) in values {
+        sample(
+            out,
+            family,
+            &format!("{labels}{sep}{key}=\"{value}\""),
+            counter.get(),
+        );
     }
 }
 
