@@ -11,7 +11,9 @@
 //! rewritten from `tail_block`), syncs, then acknowledges every batch it covered. Batches
 //! that arrive while a flush is in flight wait for the next one, so one write + one
 //! `fdatasync` serves many producers. Flushes are sequential per log, so the durable point is
-//! always a prefix; flushes of different logs run concurrently, so their syncs overlap.
+//! always a prefix; flushes of different logs run concurrently. A flush that only overwrites
+//! blocks already committed (`Segment::synced_to`) may instead share the shard's one disk
+//! flush for the round (`storage::shard_sync`).
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
