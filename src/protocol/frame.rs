@@ -214,11 +214,6 @@ impl OutFrame {
         &self.buf[self.head..]
     }
 
-    /// The pieces that follow [`OutFrame::as_bytes`] on the wire.
-    pub fn tail(&self) -> &[Bytes] {
-        &self.tail
-    }
-
     /// The whole frame copied into one buffer (for tests and tools, not the data path).
     pub fn to_vec(&self) -> Vec<u8> {
         let tail: usize = self.tail.iter().map(Bytes::len).sum();
