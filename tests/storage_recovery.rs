@@ -565,3 +565,43 @@ fn flushes_that_only_overwrite_committed_blocks_share_one_disk_flush() {
     })
     .expect("executor");
 }
+
+#[test]
+fn appends_waiting_for_room_are_stored_in_arrival_order() {
+    corebus::runtime::block_on(None, async {
+        prime_direct_io().await;
+        let dir = common::fresh_dir("arrival-order");
+        // Room for about one large append: most appends wait for a flush, and a small one
+        // behind a large one would fit earlier than the large one does.
+        let config = Rc::new(LogConfig {
+            max_pending_bytes: 4096,
+            ..(*config()).clone()
+        });
+        let log = PartitionLog::open(&dir, config).await.expect("open");
+        let sizes: Vec<u64> = (0..60).map(|i| if i % 2 == 0 { 60 } else { 1 }).collect();
+        let mut first = 0;
+        let mut appends = Vec::new();
+        for &records in &sizes {
+            let bytes = batch(first, records);
+            first += records;
+            let log = Rc::clone(&log);
+            appends.push(async move {
+                let ticket = log.append(&[bytes], 1).await.expect("append");
+                ticket.durable().await.expect("durable")
+            });
+        }
+        // Polled in order: the order the appends arrive in.
+        let stored = futures::future::join_all(appends).await;
+        let mut expected_base = 0;
+        for ((base, last), records) in stored.into_iter().zip(&sizes) {
+            assert_eq!(base, expected_base, "appends keep their arrival order");
+            assert_eq!(last, base + records - 1);
+            expected_base = last + 1;
+        }
+        let values = read_all(&log).await;
+        let expected: Vec<String> = (0..first).map(value_of).collect();
+        assert_eq!(values, expected);
+        log.close().await;
+    })
+    .expect("executor");
+}

@@ -348,9 +348,15 @@ impl Client {
         }
         let addr = SocketAddr::new(self.bootstrap.addr().ip(), route.port);
         let conn = Connection::connect(addr, self.options.max_frame_bytes).await?;
-        self.shard_connections
-            .borrow_mut()
-            .insert(route.port, Rc::clone(&conn));
+        // Callers that connected at the same time all use the first connection made, so that
+        // requests queued one after another stay in order on one socket.
+        let mut connections = self.shard_connections.borrow_mut();
+        if let Some(first) = connections.get(&route.port) {
+            if !first.is_closed() {
+                return Ok(Rc::clone(first));
+            }
+        }
+        connections.insert(route.port, Rc::clone(&conn));
         Ok(conn)
     }
 

@@ -1,6 +1,8 @@
 //! A batching, pipelining producer: records are gathered per partition into batches, each
 //! full batch is sent at once, and up to `max_in_flight` produce requests are outstanding.
 //! Every record gets a receiver that resolves to its offset when the broker acknowledges it.
+//! Batches reach the broker in the order they were sent, so a partition stores them in that
+//! order: only the waits for the replies run concurrently.
 
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -9,7 +11,7 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 use glommio::sync::Semaphore;
 
-use super::{Client, ClientError};
+use super::{produce_result, Client, ClientError};
 use crate::record::{BatchBuilder, RecordWriter};
 
 /// Tunables of a [`Producer`].
@@ -112,10 +114,16 @@ impl Producer {
             }
             return;
         };
-        let client = Rc::clone(&self.client);
-        let topic = Rc::clone(&self.topic);
+        // Queued here, in order; a task per request would race to the socket.
+        let reply = self
+            .client
+            .produce_submit(&self.topic, partition, Bytes::from(bytes))
+            .await;
         glommio::spawn_local(async move {
-            let result = client.produce(&topic, partition, Bytes::from(bytes)).await;
+            let result = match reply {
+                Ok(reply) => produce_result(reply, partition).await,
+                Err(e) => Err(e),
+            };
             drop(permit);
             match result {
                 Ok((base, _)) => {

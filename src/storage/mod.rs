@@ -11,6 +11,7 @@ pub mod probes;
 pub mod scan;
 pub mod segment;
 pub mod shard_sync;
+mod space_queue;
 pub mod state_log;
 pub mod superblock;
 

@@ -35,6 +35,7 @@ use super::probes::{FailureProbes, ProbePoint};
 use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
 use super::segment::{self, sync_dir, Segment};
 use super::shard_sync::{ShardSync, WriteInFlight};
+use super::space_queue::SpaceQueue;
 use super::{Durability, StorageError};
 use crate::metrics::StorageMetrics;
 use crate::record::batch::{self, BatchHeader, HEADER_LEN};
@@ -228,7 +229,7 @@ struct LogState {
     ack_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
     /// Long-polling readers, and appenders held back by a full pending queue.
     data_waiters: Vec<oneshot::Sender<()>>,
-    space_waiters: Vec<oneshot::Sender<()>>,
+    space_waiters: SpaceQueue,
     /// Recent stored batches, oldest first.
     cache: VecDeque<CachedBatch>,
     cache_bytes: usize,
@@ -330,7 +331,7 @@ impl PartitionLog {
                 prewrite_waiters: Vec::new(),
                 ack_waiters: VecDeque::new(),
                 data_waiters: Vec::new(),
-                space_waiters: Vec::new(),
+                space_waiters: SpaceQueue::default(),
                 cache: VecDeque::new(),
                 cache_bytes: 0,
                 corrupt,
@@ -393,26 +394,34 @@ impl PartitionLog {
         append_time_ms: i64,
     ) -> Result<AppendTicket, StorageError> {
         let incoming: usize = batches.iter().map(Bytes::len).sum();
-        let mut waited = false;
+        // Appenders already waiting go first (see `SpaceQueue`): appends keep arrival order.
+        let mut woken = false;
         loop {
             let wait = {
                 let mut st = self.state.borrow_mut();
-                check_writable(&st)?;
-                // Appenders already waiting go first: appends keep their arrival order.
+                if woken {
+                    st.space_waiters.take_turn();
+                }
+                if let Err(e) = check_writable(&st) {
+                    if woken {
+                        st.space_waiters.wake_next();
+                    }
+                    return Err(e);
+                }
                 let room = st.pending_bytes == 0
                     || st.pending_bytes + incoming <= self.config.max_pending_bytes;
-                if room && (st.space_waiters.is_empty() || waited) {
+                if room && (woken || st.space_waiters.is_clear()) {
                     None
+                } else if woken {
+                    Some(st.space_waiters.wait_again_first())
                 } else {
-                    let (tx, rx) = oneshot::channel();
-                    st.space_waiters.push(tx);
-                    Some(rx)
+                    Some(st.space_waiters.join_back())
                 }
             };
             match wait {
                 Some(rx) => {
                     let _ = rx.await;
-                    waited = true;
+                    woken = true;
                 }
                 None => break,
             }
@@ -436,6 +445,9 @@ impl PartitionLog {
             st.next_offset += count;
             st.pending_bytes += stored.len();
             st.pending.push_back(stored);
+        }
+        if woken {
+            st.space_waiters.wake_next();
         }
         let last_offset = st.next_offset.saturating_sub(1);
         debug_assert!(last_offset >= base_offset, "append of an empty batch list");
@@ -516,9 +528,7 @@ impl PartitionLog {
                     synced_to,
                 )
             };
-            for tx in self.state.borrow_mut().space_waiters.drain(..) {
-                let _ = tx.send(());
-            }
+            self.state.borrow_mut().space_waiters.wake_next();
             if needed > allocated {
                 if let Err(e) = self.grow_active(&file, needed, allocated).await {
                     self.fail_flush(e, false);
@@ -903,9 +913,7 @@ impl PartitionLog {
         for (_, tx) in st.ack_waiters.drain(..) {
             let _ = tx.send(Err(error.clone()));
         }
-        for tx in st.space_waiters.drain(..) {
-            let _ = tx.send(());
-        }
+        st.space_waiters.wake_next();
     }
 
     /// Reads whole batches starting with the one that holds `offset`, about `max_bytes` of
