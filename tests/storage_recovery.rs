@@ -492,30 +492,52 @@ fn catching_up_from_disk_through_the_read_ahead_serves_every_record_once() {
 /// With the shard's shared disk flush, a flush that only overwrites blocks an `fdatasync`
 /// committed (the prewritten stretch) waits for one flush of the disk's cache shared by the
 /// partitions that wrote meanwhile; a flush into blocks not yet committed syncs its own file.
+/// A data directory's superblock made in `dir`, and a log config whose flushes share the
+/// disk flush of `dir`'s filesystem (ext4 or XFS), zero-filling 1 MiB ahead.
+async fn shared_flush_config(
+    dir: &Path,
+    metrics: &Rc<StorageMetrics>,
+    preallocate_bytes: u64,
+) -> Rc<LogConfig> {
+    corebus::storage::superblock::ensure(dir).expect("superblock");
+    corebus::storage::superblock::verify(dir)
+        .await
+        .expect("direct-I/O self-test");
+    let syncer = ShardSync::disk_flush(dir, Rc::clone(metrics))
+        .await
+        .expect("statfs")
+        .expect("the test directory must be on ext4 or XFS");
+    Rc::new(LogConfig {
+        preallocate_bytes,
+        prewrite: PrewriteConfig {
+            ahead_bytes: 1 << 20,
+            shard_budget_bytes: 8 << 20,
+            max_flush_bytes: 512 << 10,
+        },
+        shard_sync: Some(syncer),
+        metrics: Rc::clone(metrics),
+        ..LogConfig::default()
+    })
+}
+
+/// Waits until some zero-fill has ended and none is in flight.
+async fn prewrites_done(metrics: &StorageMetrics) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while metrics.prewrites_in_flight.get() > 0 || metrics.prewritten_bytes.get() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the zero-fills did not end"
+        );
+        glommio::timer::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 #[test]
 fn flushes_that_only_overwrite_committed_blocks_share_one_disk_flush() {
     let metrics = Rc::new(StorageMetrics::default());
     corebus::runtime::block_on(None, async move {
         let dir = common::fresh_dir("shared-flush");
-        corebus::storage::superblock::ensure(&dir).expect("superblock");
-        corebus::storage::superblock::verify(&dir)
-            .await
-            .expect("direct-I/O self-test");
-        let syncer = ShardSync::disk_flush(&dir, Rc::clone(&metrics))
-            .await
-            .expect("statfs")
-            .expect("the test directory must be on ext4 or XFS");
-        let config = Rc::new(LogConfig {
-            preallocate_bytes: 2 << 20,
-            prewrite: PrewriteConfig {
-                ahead_bytes: 1 << 20,
-                shard_budget_bytes: 8 << 20,
-                max_flush_bytes: 512 << 10,
-            },
-            shard_sync: Some(syncer),
-            metrics: Rc::clone(&metrics),
-            ..LogConfig::default()
-        });
+        let config = shared_flush_config(&dir, &metrics, 2 << 20).await;
         let mut logs = Vec::new();
         for p in 0..4 {
             let log_dir = dir.join(format!("p{p}"));
@@ -533,14 +555,7 @@ fn flushes_that_only_overwrite_committed_blocks_share_one_disk_flush() {
         assert_eq!(metrics.file_synced_flushes.get(), 4);
         assert_eq!(metrics.shard_synced_flushes.get(), 0);
         // Then each zero-fills ahead and commits that with an fdatasync of its own.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while metrics.prewrites_in_flight.get() > 0 || metrics.prewritten_bytes.get() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the zero-fills did not end"
-            );
-            glommio::timer::sleep(Duration::from_millis(1)).await;
-        }
+        prewrites_done(&metrics).await;
         // Four writes in flight together: all overwrite committed blocks, one disk flush.
         let mut tickets = Vec::new();
         for (_, log) in &logs {
@@ -602,6 +617,40 @@ fn appends_waiting_for_room_are_stored_in_arrival_order() {
         let expected: Vec<String> = (0..first).map(value_of).collect();
         assert_eq!(values, expected);
         log.close().await;
+    })
+    .expect("executor");
+}
+
+#[test]
+fn zero_filling_allocates_ahead_so_that_flushes_never_grow_the_file() {
+    let metrics = Rc::new(StorageMetrics::default());
+    corebus::runtime::block_on(None, async move {
+        let dir = common::fresh_dir("allocate-ahead");
+        // Allocation steps of 64 KiB: the appends below cross about 30 of them.
+        let config = shared_flush_config(&dir, &metrics, 64 << 10).await;
+        let log_dir = dir.join("p0");
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let log = PartitionLog::open(&log_dir, Rc::clone(&config))
+            .await
+            .expect("open");
+        let mut first = 0;
+        while log.stats().bytes_in < 2 << 20 {
+            let ticket = log.append(&[batch(first, 50)], 1).await.expect("append");
+            ticket.durable().await.expect("durable");
+            first += 50;
+            prewrites_done(&metrics).await;
+        }
+        // Only the first flush of the fresh segment synced its own file: every later one
+        // overwrote zero-filled blocks allocated and committed ahead of it, so none had to
+        // allocate, and all shared the disk flush.
+        assert_eq!(metrics.file_synced_flushes.get(), 1);
+        assert_eq!(metrics.shard_synced_flushes.get(), first / 50 - 1);
+        log.close().await;
+        drop(log);
+        let reopened = PartitionLog::open(&log_dir, config).await.expect("reopen");
+        let expected: Vec<String> = (0..first).map(value_of).collect();
+        assert_eq!(read_all(&reopened).await, expected);
+        let _ = std::fs::remove_dir_all(&dir);
     })
     .expect("executor");
 }

@@ -55,8 +55,9 @@ impl PrewriteConfig {
     }
 
     /// The range to prewrite after a flush of `flushed` bytes that left the log's written
-    /// blocks ending at `written_to` (block-aligned, the flush's own end or beyond), in a
-    /// segment allocated up to `allocated`; `None` when nothing is due. A refill is due
+    /// blocks ending at `written_to` (block-aligned, the flush's own end or beyond), never
+    /// past `limit` (the segment's size; the caller allocates what the range needs); `None`
+    /// when nothing is due. A refill is due
     /// once less than half the lead is left, so that each refill (and its journal commit)
     /// covers at least half the lead.
     pub fn due(
@@ -65,7 +66,7 @@ impl PrewriteConfig {
         flushed: u64,
         data_end: u64,
         written_to: u64,
-        allocated: u64,
+        limit: u64,
     ) -> Option<(u64, u64)> {
         if lead < 2 * ALIGN || flushed >= self.max_flush_bytes {
             return None;
@@ -74,7 +75,7 @@ impl PrewriteConfig {
         if start >= data_end + lead / 2 {
             return None;
         }
-        let end = align_down((data_end + lead).min(allocated));
+        let end = align_down((data_end + lead).min(limit));
         (end > start).then_some((start, end))
     }
 }
@@ -125,7 +126,7 @@ mod tests {
     }
 
     #[test]
-    fn refills_start_past_the_written_blocks_and_stop_at_the_allocation() {
+    fn refills_start_past_the_written_blocks_and_stop_at_the_limit() {
         let c = config();
         let lead = 8 * MIB;
         // Nothing written ahead yet: fill from the flush's last block to the lead.
@@ -140,7 +141,7 @@ mod tests {
             c.due(lead, 4096, 3 * MIB, 6 * MIB, 32 * MIB),
             Some((6 * MIB, 11 * MIB))
         );
-        // Never past the allocated space.
+        // Never past the limit (the segment's size).
         assert_eq!(
             c.due(lead, 4096, 30 * MIB, 30 * MIB, 32 * MIB),
             Some((30 * MIB, 32 * MIB))
