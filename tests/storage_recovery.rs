@@ -654,3 +654,44 @@ fn zero_filling_allocates_ahead_so_that_flushes_never_grow_the_file() {
     })
     .expect("executor");
 }
+
+#[test]
+fn a_roll_adopts_the_spare_so_that_new_segments_start_on_committed_blocks() {
+    let metrics = Rc::new(StorageMetrics::default());
+    corebus::runtime::block_on(None, async move {
+        let dir = common::fresh_dir("spare");
+        let config = shared_flush_config(&dir, &metrics, 64 << 10).await;
+        // Segments of 256 KiB: the appends below roll about 8 times.
+        let config = Rc::new(LogConfig {
+            segment_bytes: 256 << 10,
+            ..(*config).clone()
+        });
+        let log_dir = dir.join("p0");
+        std::fs::create_dir_all(&log_dir).expect("log dir");
+        let log = PartitionLog::open(&log_dir, Rc::clone(&config))
+            .await
+            .expect("open");
+        let mut first = 0;
+        while log.stats().bytes_in < 2 << 20 {
+            let ticket = log.append(&[batch(first, 50)], 1).await.expect("append");
+            ticket.durable().await.expect("durable");
+            first += 50;
+            prewrites_done(&metrics).await;
+        }
+        let segments = corebus::storage::segment::list(&log_dir).expect("list");
+        assert!(segments.len() >= 8, "{} segments", segments.len());
+        // Only the very first flush synced its own file: every later segment was a spare,
+        // allocated, zero-filled and synced before its roll.
+        assert_eq!(metrics.file_synced_flushes.get(), 1);
+        let spare = log_dir.join(corebus::storage::spare::SPARE_FILE);
+        assert!(spare.exists(), "the next roll's spare is ready");
+        log.close().await;
+        drop(log);
+        let reopened = PartitionLog::open(&log_dir, config).await.expect("reopen");
+        assert!(!spare.exists(), "a leftover spare is removed at open");
+        let expected: Vec<String> = (0..first).map(value_of).collect();
+        assert_eq!(read_all(&reopened).await, expected);
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .expect("executor");
+}

@@ -12,6 +12,7 @@ pub mod scan;
 pub mod segment;
 pub mod shard_sync;
 mod space_queue;
+pub mod spare;
 pub mod state_log;
 pub mod superblock;
 

@@ -36,6 +36,7 @@ use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
 use super::segment::{self, sync_dir, Segment};
 use super::shard_sync::{ShardSync, WriteInFlight};
 use super::space_queue::SpaceQueue;
+use super::spare::{self, Spare};
 use super::{Durability, StorageError};
 use crate::metrics::StorageMetrics;
 use crate::record::batch::{self, BatchHeader, HEADER_LEN};
@@ -225,6 +226,8 @@ struct LogState {
     prewriting: Option<(u64, u64)>,
     /// Woken when a prewrite ends.
     prewrite_waiters: Vec<oneshot::Sender<()>>,
+    /// The next segment's file, made ready ahead of the roll.
+    spare: Spare,
     /// (last offset of an append, its acknowledgement), in offset order.
     ack_waiters: VecDeque<(u64, oneshot::Sender<Result<(), StorageError>>)>,
     /// Long-polling readers, and appenders held back by a full pending queue.
@@ -272,6 +275,7 @@ impl PartitionLog {
     pub async fn open(dir: &Path, config: Rc<LogConfig>) -> Result<Rc<Self>, StorageError> {
         std::fs::create_dir_all(dir)
             .map_err(|e| StorageError::io(format!("creating {}", dir.display()), &e))?;
+        spare::remove_leftover(dir);
         let mut bases = segment::list(dir)?;
         if bases.is_empty() {
             Segment::create(dir, 0, config.preallocate_bytes.min(config.segment_bytes)).await?;
@@ -329,6 +333,7 @@ impl PartitionLog {
                 flushing: false,
                 prewriting: None,
                 prewrite_waiters: Vec::new(),
+                spare: Spare::default(),
                 ack_waiters: VecDeque::new(),
                 data_waiters: Vec::new(),
                 space_waiters: SpaceQueue::default(),
@@ -586,6 +591,7 @@ impl PartitionLog {
                         .observe(started.elapsed().as_secs_f64());
                     self.complete_flush(batches, new_end, new_tail);
                     self.start_prewrite(&file, bytes as u64);
+                    self.start_spare();
                 }
                 Err((error, fatal)) => {
                     metrics.flush_errors.set(metrics.flush_errors.get() + 1);
@@ -682,6 +688,58 @@ impl PartitionLog {
             for tx in st.prewrite_waiters.drain(..) {
                 let _ = tx.send(());
             }
+        })
+        .detach();
+    }
+
+    /// When the active segment is close to full, makes the next segment's file ready in the
+    /// background (see `storage::spare`).
+    fn start_spare(self: &Rc<Self>) {
+        let bytes = {
+            let mut st = self.state.borrow_mut();
+            let in_flight = &self.config.metrics.prewrites_in_flight;
+            let absent = matches!(st.spare, Spare::Absent);
+            if !absent || st.closed || in_flight.get() >= MAX_PREWRITES_IN_FLIGHT {
+                return;
+            }
+            let lead = self
+                .config
+                .prewrite
+                .lead(self.config.metrics.open_logs.get());
+            let Some(active) = st.segments.back() else {
+                return;
+            };
+            if !spare::due(lead, active.end, self.config.segment_bytes) {
+                return;
+            }
+            st.spare = Spare::Preparing;
+            in_flight.set(in_flight.get() + 1);
+            align_up(lead.min(self.config.segment_bytes))
+        };
+        let log = Rc::clone(self);
+        // glommio may run a spawned task right away: no borrow is held here.
+        glommio::spawn_local(async move {
+            let result = spare::prepare(&log.dir, bytes).await;
+            let metrics = &log.config.metrics;
+            let in_flight = &metrics.prewrites_in_flight;
+            in_flight.set(in_flight.get().saturating_sub(1));
+            log.state.borrow_mut().spare = match result {
+                Ok(file) => {
+                    let prewritten = &metrics.prewritten_bytes;
+                    prewritten.set(prewritten.get() + bytes);
+                    Spare::Ready {
+                        file,
+                        prepared: bytes,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "making the next segment's file ready in {}: {e}; the roll creates it",
+                        log.dir.display()
+                    );
+                    Spare::Failed
+                }
+            };
         })
         .detach();
     }
@@ -788,7 +846,8 @@ impl PartitionLog {
     }
 
     /// Seals the active segment (its index made durable, its unused preallocation freed) and
-    /// starts a new one at the next offset, durable with its directory.
+    /// starts a new one at the next offset, durable with its directory: the spare when it is
+    /// ready (see `storage::spare`), else a file created here.
     async fn roll(&self) -> Result<(), StorageError> {
         // A prewrite still writing zeros into the old segment would grow it past its seal.
         self.prewrite_finished(None).await;
@@ -817,7 +876,20 @@ impl PartitionLog {
         }
         let _ = sealed_file.truncate(sealed_end).await;
         let first = self.config.preallocate_bytes.min(self.config.segment_bytes);
-        let seg = Segment::create(&self.dir, base, first).await?;
+        let spare = self.state.borrow_mut().spare.take_ready();
+        let seg = match spare {
+            Some((file, prepared)) => {
+                match Segment::adopt_spare(&self.dir, base, file, prepared).await {
+                    Ok(seg) => seg,
+                    Err((file, e)) => {
+                        tracing::warn!("{e}; creating the segment's file instead");
+                        let _ = file.close().await;
+                        Segment::create(&self.dir, base, first).await?
+                    }
+                }
+            }
+            None => Segment::create(&self.dir, base, first).await?,
+        };
         {
             let mut st = self.state.borrow_mut();
             if let Some(old) = st.segments.back_mut() {

@@ -108,6 +108,34 @@ impl Segment {
         Ok(Self::new(dir, base_offset, file, bytes))
     }
 
+    /// Makes the partition's spare (see `storage::spare`), whose first `prepared` bytes are
+    /// allocated, zero-filled and synced, the segment starting at `base_offset`: renamed,
+    /// durable with its directory.
+    pub async fn adopt_spare(
+        dir: &Path,
+        base_offset: u64,
+        file: DmaFile,
+        prepared: u64,
+    ) -> Result<Self, (DmaFile, StorageError)> {
+        let from = dir.join(super::spare::SPARE_FILE);
+        let to = dir.join(file_name(base_offset, "log"));
+        let (from_owned, to_owned, dir_owned) = (from.clone(), to.clone(), dir.to_path_buf());
+        let renamed = glommio::executor()
+            .spawn_blocking(move || {
+                std::fs::rename(&from_owned, &to_owned)?;
+                std::fs::File::open(&dir_owned).and_then(|d| d.sync_all())
+            })
+            .await;
+        if let Err(e) = renamed {
+            let context = format!("renaming {} to {}", from.display(), to.display());
+            return Err((file, StorageError::io(context, &e)));
+        }
+        let mut segment = Self::new(dir, base_offset, file, prepared);
+        segment.written_to = prepared;
+        segment.synced_to = prepared;
+        Ok(segment)
+    }
+
     fn new(dir: &Path, base_offset: u64, file: DmaFile, allocated: u64) -> Self {
         Self {
             base_offset,
