@@ -145,6 +145,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Zero-fills ahead of partitions' ends running now.",
     ),
     (
+        "corebus_prewrites_cut_short_total",
+        "counter",
+        "Zero-fills stopped early because a flush caught up with them (a larger --prewrite-bytes gives them more room).",
+    ),
+    (
         "corebus_fetch_bytes_total",
         "counter",
         "Bytes of record batches returned by fetches, by source: the in-memory tail or the disk.",
@@ -336,6 +341,8 @@ pub struct StorageMetrics {
     pub prewritten_bytes: Cell<u64>,
     /// Zero-fills running now.
     pub prewrites_in_flight: Cell<u64>,
+    /// Zero-fills stopped early because a flush caught up with them.
+    pub prewrites_cut_short: Cell<u64>,
     /// Bytes fetches served from the in-memory tail.
     pub fetched_from_memory_bytes: Cell<u64>,
     /// Bytes fetches served from segment files.
@@ -356,6 +363,7 @@ impl Default for StorageMetrics {
             open_logs: Cell::new(0),
             prewritten_bytes: Cell::new(0),
             prewrites_in_flight: Cell::new(0),
+            prewrites_cut_short: Cell::new(0),
             fetched_from_memory_bytes: Cell::new(0),
             fetched_from_disk_bytes: Cell::new(0),
         }
@@ -406,6 +414,12 @@ impl StorageMetrics {
             "corebus_prewritten_bytes_total",
             labels,
             self.prewritten_bytes.get(),
+        );
+        sample(
+            out,
+            "corebus_prewrites_cut_short_total",
+            labels,
+            self.prewrites_cut_short.get(),
         );
         split_samples(
             out,

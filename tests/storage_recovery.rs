@@ -423,6 +423,10 @@ fn zero_filling_ahead_never_touches_data_across_refills_rolls_and_restarts() {
             metrics.prewritten_bytes.get() > 0,
             "small flushes must have zero-filled ahead"
         );
+        assert!(
+            metrics.prewrites_cut_short.get() > 0,
+            "flushes must have caught up with a zero-fill and stopped it"
+        );
         assert!(log.stats().segments > 2, "the log must have rolled");
         assert_eq!(read_all(&log).await, expected);
         log.close().await;

@@ -41,6 +41,18 @@ use super::{Durability, StorageError};
 use crate::metrics::StorageMetrics;
 use crate::record::batch::{self, BatchHeader, HEADER_LEN};
 
+/// A zero-fill in flight (see `storage::prewrite`).
+struct Prewriting {
+    /// Where its zeros start.
+    start: u64,
+    /// Its zeros are written up to here (no zero write in flight below).
+    zeroed_to: u64,
+    /// A flush needs blocks it has not reached: stop after the piece in flight.
+    stop: bool,
+    /// It writes no more zeros (only its `fdatasync` may be left).
+    stopped: bool,
+}
+
 /// Tunables of a partition log.
 #[derive(Clone, Debug)]
 pub struct LogConfig {
@@ -221,10 +233,10 @@ struct LogState {
     pending: VecDeque<StoredBatch>,
     pending_bytes: usize,
     flushing: bool,
-    /// The range of the active segment being prewritten, if any: flushes must not write
-    /// there until it is done, and the segment must not be sealed under it.
-    prewriting: Option<(u64, u64)>,
-    /// Woken when a prewrite ends.
+    /// The zero-fill of the active segment in flight, if any: flushes must not write where
+    /// its zeros are still to land, and the segment must not be sealed under it.
+    prewriting: Option<Prewriting>,
+    /// Woken when a zero-fill writes a piece, stops writing, or ends.
     prewrite_waiters: Vec<oneshot::Sender<()>>,
     /// The next segment's file, made ready ahead of the roll.
     spare: Spare,
@@ -540,7 +552,7 @@ impl PartitionLog {
                     continue;
                 }
             }
-            self.prewrite_finished(Some(needed)).await;
+            self.prewrite_clear_of(needed).await;
             let mut filler = ChunkFiller::new(&file, carry.len() + bytes, self.config.max_io_bytes);
             filler.put(&carry);
             for b in &batches {
@@ -601,19 +613,44 @@ impl PartitionLog {
         }
     }
 
-    /// Waits until no prewrite is in flight below `below` (any prewrite, if `None`).
-    async fn prewrite_finished(&self, below: Option<u64>) {
+    /// Waits until no zero write is in flight or still to come below `needed`. A zero-fill
+    /// that has not got that far yet is told to stop after its current piece: the flush then
+    /// writes into blocks that are not zero-filled (and syncs its own file) instead of
+    /// waiting for the whole fill and its `fdatasync` (15-20 ms stalls at 200 MB/s).
+    async fn prewrite_clear_of(&self, needed: u64) {
         loop {
             let rx = {
                 let mut st = self.state.borrow_mut();
-                match st.prewriting {
-                    Some((start, _)) if below.is_none_or(|b| b > start) => {
+                match &mut st.prewriting {
+                    Some(p) if p.start < needed && p.zeroed_to < needed && !p.stopped => {
+                        if !p.stop {
+                            p.stop = true;
+                            let cut_short = &self.config.metrics.prewrites_cut_short;
+                            cut_short.set(cut_short.get() + 1);
+                        }
                         let (tx, rx) = oneshot::channel();
                         st.prewrite_waiters.push(tx);
                         rx
                     }
                     _ => return,
                 }
+            };
+            let _ = rx.await;
+        }
+    }
+
+    /// Waits until no zero-fill is in flight at all (it is told to stop early).
+    async fn prewrite_finished(&self) {
+        loop {
+            let rx = {
+                let mut st = self.state.borrow_mut();
+                let Some(p) = &mut st.prewriting else {
+                    return;
+                };
+                p.stop = true;
+                let (tx, rx) = oneshot::channel();
+                st.prewrite_waiters.push(tx);
+                rx
             };
             let _ = rx.await;
         }
@@ -649,7 +686,12 @@ impl PartitionLog {
                 return;
             };
             let allocated = active.allocated;
-            st.prewriting = Some(range);
+            st.prewriting = Some(Prewriting {
+                start: range.0,
+                zeroed_to: range.0,
+                stop: false,
+                stopped: false,
+            });
             in_flight.set(in_flight.get() + 1);
             (range, allocated)
         };
@@ -660,25 +702,43 @@ impl PartitionLog {
             // A failed allocation (a full disk) is reported by the flush that needs the space.
             let allocated =
                 end <= allocated || log.grow_active(&file, end, allocated).await.is_ok();
+            // Flushes waiting for the zeros to pass their blocks learn of each piece.
+            let progress = |at: u64| {
+                let mut st = log.state.borrow_mut();
+                let go = match &mut st.prewriting {
+                    Some(p) => {
+                        p.zeroed_to = at;
+                        p.stopped = p.stop || at >= end;
+                        !p.stopped
+                    }
+                    None => false,
+                };
+                for tx in st.prewrite_waiters.drain(..) {
+                    let _ = tx.send(());
+                }
+                go
+            };
             let result = if allocated {
-                prewrite::zero_fill(&file, start, end).await.map(|()| true)
+                prewrite::zero_fill_until(&file, start, end, progress)
+                    .await
+                    .map(Some)
             } else {
-                Ok(false)
+                Ok(None)
             };
             let in_flight = &log.config.metrics.prewrites_in_flight;
             in_flight.set(in_flight.get().saturating_sub(1));
             let mut st = log.state.borrow_mut();
             st.prewriting = None;
             match result {
-                Ok(false) => {}
-                Ok(true) => {
+                Ok(None) => {}
+                Ok(Some(zeroed_to)) => {
                     let prewritten = &log.config.metrics.prewritten_bytes;
-                    prewritten.set(prewritten.get() + (end - start));
+                    prewritten.set(prewritten.get() + (zeroed_to - start));
                     if let Some(active) = st.segments.back_mut() {
                         if Rc::ptr_eq(&active.file, &file) {
-                            // zero_fill ends with an fdatasync of the file.
-                            active.written_to = active.written_to.max(end);
-                            active.synced_to = active.synced_to.max(end);
+                            // The zero-fill ends with an fdatasync of the file.
+                            active.written_to = active.written_to.max(zeroed_to);
+                            active.synced_to = active.synced_to.max(zeroed_to);
                         }
                     }
                 }
@@ -850,7 +910,7 @@ impl PartitionLog {
     /// ready (see `storage::spare`), else a file created here.
     async fn roll(&self) -> Result<(), StorageError> {
         // A prewrite still writing zeros into the old segment would grow it past its seal.
-        self.prewrite_finished(None).await;
+        self.prewrite_finished().await;
         let _guard = self.checkpoint_lock.acquire_permit(1).await;
         let (append, base, sealed_file, sealed_end) = {
             let mut st = self.state.borrow_mut();
@@ -1447,7 +1507,7 @@ impl PartitionLog {
         for tx in self.state.borrow_mut().data_waiters.drain(..) {
             let _ = tx.send(());
         }
-        self.prewrite_finished(None).await;
+        self.prewrite_finished().await;
         if self.state.borrow().failed.is_some() {
             return; // no clean marker for a log that failed: recovery must scan it
         }

@@ -87,17 +87,34 @@ const PIECE_BYTES: u64 = 256 << 10;
 /// Writes zeros over `[start, end)` (block-aligned), one piece after the other, then syncs
 /// them, so that the extents are written and their conversion is committed.
 pub async fn zero_fill(file: &DmaFile, start: u64, end: u64) -> Result<(), StorageError> {
+    zero_fill_until(file, start, end, |_| true)
+        .await
+        .map(|_| ())
+}
+
+/// [`zero_fill`] that reports, before each piece and at the end, how far the zeros reach; it
+/// stops early (and syncs what it wrote) when `progress` returns false. Returns where the
+/// zeros end.
+pub async fn zero_fill_until(
+    file: &DmaFile,
+    start: u64,
+    end: u64,
+    mut progress: impl FnMut(u64) -> bool,
+) -> Result<u64, StorageError> {
     let mut at = start;
-    while at < end {
+    while progress(at) && at < end {
         let n = (end - at).min(PIECE_BYTES) as usize;
         let mut buf = file.alloc_dma_buffer(n);
         buf.as_bytes_mut().fill(0);
         dma::write_buffers(file, vec![buf], at).await?;
         at += n as u64;
     }
-    file.fdatasync().await.map_err(|e| {
-        StorageError::glommio(format!("fdatasync after zero-filling {start}..{end}"), e)
-    })
+    if at > start {
+        file.fdatasync().await.map_err(|e| {
+            StorageError::glommio(format!("fdatasync after zero-filling {start}..{at}"), e)
+        })?;
+    }
+    Ok(at)
 }
 
 #[cfg(test)]
