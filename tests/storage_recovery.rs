@@ -625,6 +625,28 @@ fn appends_waiting_for_room_are_stored_in_arrival_order() {
     .expect("executor");
 }
 
+/// Appends batches of 50 records one at a time, each durable and followed by the end of the
+/// zero-fill it started, until the log took `bytes`; returns how many records it took.
+async fn append_one_by_one(log: &Rc<PartitionLog>, metrics: &StorageMetrics, bytes: u64) -> u64 {
+    let mut records = 0;
+    while log.stats().bytes_in < bytes {
+        let ticket = log.append(&[batch(records, 50)], 1).await.expect("append");
+        ticket.durable().await.expect("durable");
+        records += 50;
+        prewrites_done(metrics).await;
+    }
+    records
+}
+
+/// Closes `log`, reopens it from `dir` and checks that it holds exactly the first `records`.
+async fn reopen_holds(log: Rc<PartitionLog>, dir: &Path, config: Rc<LogConfig>, records: u64) {
+    log.close().await;
+    drop(log);
+    let reopened = PartitionLog::open(dir, config).await.expect("reopen");
+    let expected: Vec<String> = (0..records).map(value_of).collect();
+    assert_eq!(read_all(&reopened).await, expected);
+}
+
 #[test]
 fn zero_filling_allocates_ahead_so_that_flushes_never_grow_the_file() {
     let metrics = Rc::new(StorageMetrics::default());
@@ -637,23 +659,13 @@ fn zero_filling_allocates_ahead_so_that_flushes_never_grow_the_file() {
         let log = PartitionLog::open(&log_dir, Rc::clone(&config))
             .await
             .expect("open");
-        let mut first = 0;
-        while log.stats().bytes_in < 2 << 20 {
-            let ticket = log.append(&[batch(first, 50)], 1).await.expect("append");
-            ticket.durable().await.expect("durable");
-            first += 50;
-            prewrites_done(&metrics).await;
-        }
+        let first = append_one_by_one(&log, &metrics, 2 << 20).await;
         // Only the first flush of the fresh segment synced its own file: every later one
         // overwrote zero-filled blocks allocated and committed ahead of it, so none had to
         // allocate, and all shared the disk flush.
         assert_eq!(metrics.file_synced_flushes.get(), 1);
         assert_eq!(metrics.shard_synced_flushes.get(), first / 50 - 1);
-        log.close().await;
-        drop(log);
-        let reopened = PartitionLog::open(&log_dir, config).await.expect("reopen");
-        let expected: Vec<String> = (0..first).map(value_of).collect();
-        assert_eq!(read_all(&reopened).await, expected);
+        reopen_holds(log, &log_dir, config, first).await;
         let _ = std::fs::remove_dir_all(&dir);
     })
     .expect("executor");
@@ -675,13 +687,7 @@ fn a_roll_adopts_the_spare_so_that_new_segments_start_on_committed_blocks() {
         let log = PartitionLog::open(&log_dir, Rc::clone(&config))
             .await
             .expect("open");
-        let mut first = 0;
-        while log.stats().bytes_in < 2 << 20 {
-            let ticket = log.append(&[batch(first, 50)], 1).await.expect("append");
-            ticket.durable().await.expect("durable");
-            first += 50;
-            prewrites_done(&metrics).await;
-        }
+        let first = append_one_by_one(&log, &metrics, 2 << 20).await;
         let segments = corebus::storage::segment::list(&log_dir).expect("list");
         assert!(segments.len() >= 8, "{} segments", segments.len());
         // Only the very first flush synced its own file: every later segment was a spare,
@@ -689,12 +695,8 @@ fn a_roll_adopts_the_spare_so_that_new_segments_start_on_committed_blocks() {
         assert_eq!(metrics.file_synced_flushes.get(), 1);
         let spare = log_dir.join(corebus::storage::spare::SPARE_FILE);
         assert!(spare.exists(), "the next roll's spare is ready");
-        log.close().await;
-        drop(log);
-        let reopened = PartitionLog::open(&log_dir, config).await.expect("reopen");
+        reopen_holds(log, &log_dir, config, first).await;
         assert!(!spare.exists(), "a leftover spare is removed at open");
-        let expected: Vec<String> = (0..first).map(value_of).collect();
-        assert_eq!(read_all(&reopened).await, expected);
         let _ = std::fs::remove_dir_all(&dir);
     })
     .expect("executor");

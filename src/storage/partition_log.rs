@@ -665,10 +665,7 @@ impl PartitionLog {
             if st.prewriting.is_some() || st.closed || in_flight.get() >= MAX_PREWRITES_IN_FLIGHT {
                 return;
             }
-            let lead = self
-                .config
-                .prewrite
-                .lead(self.config.metrics.open_logs.get());
+            let lead = self.prewrite_lead();
             let Some(active) = st.segments.back_mut() else {
                 return;
             };
@@ -752,6 +749,12 @@ impl PartitionLog {
         .detach();
     }
 
+    /// How far this log keeps written ahead (its share of the shard's prewrite budget).
+    fn prewrite_lead(&self) -> u64 {
+        let open_logs = self.config.metrics.open_logs.get();
+        self.config.prewrite.lead(open_logs)
+    }
+
     /// When the active segment is close to full, makes the next segment's file ready in the
     /// background (see `storage::spare`).
     fn start_spare(self: &Rc<Self>) {
@@ -762,10 +765,7 @@ impl PartitionLog {
             if !absent || st.closed || in_flight.get() >= MAX_PREWRITES_IN_FLIGHT {
                 return;
             }
-            let lead = self
-                .config
-                .prewrite
-                .lead(self.config.metrics.open_logs.get());
+            let lead = self.prewrite_lead();
             let Some(active) = st.segments.back() else {
                 return;
             };
