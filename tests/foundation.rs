@@ -79,6 +79,7 @@ fn publish_lines(
     args.extend_from_slice(extra);
     let input = lines.join("\n") + "\n";
     let stdout = ok_stdout(&cli_at(addr, &args, &input));
+    assert_offsets_follow_line_order(&stdout);
     let acked = parse_acks(&stdout, lines);
     assert_eq!(
         acked.len(),
@@ -86,6 +87,32 @@ fn publish_lines(
         "every line must be acknowledged once"
     );
     acked
+}
+
+/// Within each partition, later stdin lines got higher offsets: batches are stored in the
+/// order the producer sent them.
+fn assert_offsets_follow_line_order(acks: &str) {
+    let mut rows: Vec<(u64, u32, u64)> = acks
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            Some((
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+                f.next()?.parse().ok()?,
+            ))
+        })
+        .collect();
+    rows.sort_unstable();
+    let mut last: HashMap<u32, (u64, u64)> = HashMap::new();
+    for (line, partition, offset) in rows {
+        if let Some((prev_line, prev_offset)) = last.insert(partition, (line, offset)) {
+            assert!(
+                offset > prev_offset,
+                "partition {partition}: line {line} got offset {offset}, line {prev_line} {prev_offset}"
+            );
+        }
+    }
 }
 
 fn message_lines(prefix: &str, n: usize) -> Vec<String> {
