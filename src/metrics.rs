@@ -380,12 +380,19 @@ impl StorageMetrics {
         self.flush_bytes.render("corebus_flush_bytes", labels, out);
         self.flush_batches
             .render("corebus_flush_batches", labels, out);
-        sample(
-            out,
-            "corebus_flush_errors_total",
-            labels,
-            self.flush_errors.get(),
-        );
+        for (family, value) in [
+            ("corebus_flush_errors_total", &self.flush_errors),
+            ("corebus_shard_syncs_total", &self.shard_syncs),
+            ("corebus_open_logs", &self.open_logs),
+            ("corebus_prewrites_in_flight", &self.prewrites_in_flight),
+            ("corebus_prewritten_bytes_total", &self.prewritten_bytes),
+            (
+                "corebus_prewrites_cut_short_total",
+                &self.prewrites_cut_short,
+            ),
+        ] {
+            sample(out, family, labels, value.get());
+        }
         split_samples(
             out,
             "corebus_synced_flushes_total",
@@ -395,31 +402,6 @@ impl StorageMetrics {
                 ("file", &self.file_synced_flushes),
                 ("shard", &self.shard_synced_flushes),
             ],
-        );
-        sample(
-            out,
-            "corebus_shard_syncs_total",
-            labels,
-            self.shard_syncs.get(),
-        );
-        sample(out, "corebus_open_logs", labels, self.open_logs.get());
-        sample(
-            out,
-            "corebus_prewrites_in_flight",
-            labels,
-            self.prewrites_in_flight.get(),
-        );
-        sample(
-            out,
-            "corebus_prewritten_bytes_total",
-            labels,
-            self.prewritten_bytes.get(),
-        );
-        sample(
-            out,
-            "corebus_prewrites_cut_short_total",
-            labels,
-            self.prewrites_cut_short.get(),
         );
         split_samples(
             out,

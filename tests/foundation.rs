@@ -92,19 +92,9 @@ fn publish_lines(
 /// Within each partition, later stdin lines got higher offsets: batches are stored in the
 /// order the producer sent them.
 fn assert_offsets_follow_line_order(acks: &str) {
-    let mut rows: Vec<(u64, u32, u64)> = acks
-        .lines()
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            Some((
-                f.next()?.parse().ok()?,
-                f.next()?.parse().ok()?,
-                f.next()?.parse().ok()?,
-            ))
-        })
-        .collect();
+    let mut rows = common::parse_acks(acks);
     rows.sort_unstable();
-    let mut last: HashMap<u32, (u64, u64)> = HashMap::new();
+    let mut last: HashMap<u32, (usize, u64)> = HashMap::new();
     for (line, partition, offset) in rows {
         if let Some((prev_line, prev_offset)) = last.insert(partition, (line, offset)) {
             assert!(
