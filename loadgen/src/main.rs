@@ -9,6 +9,7 @@
 mod args;
 mod consumer;
 mod embedded;
+mod host;
 mod payload;
 mod producer;
 mod report;
@@ -153,6 +154,16 @@ async fn load(args: Args, addr: String, topic: String) -> Result<(report::Report
         Rc::clone(&stats),
         Rc::clone(&stop_progress),
     ));
+    // Where the machine's CPU time goes is read from the end of the warmup on.
+    let host_at_warmup_end = Rc::new(RefCell::new(None));
+    let _host_sampler = {
+        let slot = Rc::clone(&host_at_warmup_end);
+        let warmup = args.warmup;
+        glommio::spawn_local(async move {
+            glommio::timer::sleep(warmup).await;
+            *slot.borrow_mut() = Some(host::sample());
+        })
+    };
     let producer_shared = Rc::new(producer::Shared {
         client: Rc::clone(&client),
         topic: topic.clone(),
@@ -206,7 +217,19 @@ async fn load(args: Args, addr: String, topic: String) -> Result<(report::Report
         extra_errors += 1;
         stats.error("no message was acknowledged".into());
     }
-    let report = report::build(&args, &stats, args.duration, consume_window, extra_errors);
+    let host_cpu = host_at_warmup_end
+        .borrow()
+        .as_ref()
+        .map(|before| host::shares(before, &host::sample()))
+        .unwrap_or_default();
+    let report = report::build(
+        &args,
+        &stats,
+        args.duration,
+        consume_window,
+        extra_errors,
+        &host_cpu,
+    );
     drop(consumer_shared);
     let stats = Rc::try_unwrap(stats)
         .map_err(|_| "stats still shared at the end of the run".to_string())?;

@@ -3,7 +3,12 @@
 use std::time::Duration;
 
 use crate::args::Args;
+use crate::host::{self, CpuShare};
 use crate::stats::{percentiles, Stats};
+
+/// Steal above this share of a CPU (percent) makes the run's figures suspect: the summary
+/// says so.
+const STEAL_WARNING_PCT: f64 = 5.0;
 
 /// The outcome of a run.
 pub struct Report {
@@ -23,13 +28,15 @@ fn latency_json(h: &hdrhistogram::Histogram<u64>) -> serde_json::Value {
 
 /// Builds the report from the stats of a run: production measured over `measured`,
 /// consumption over `consume_window`. A catch-up reads the warmup's messages in its window
-/// too, so its consume figures count every message read.
+/// too, so its consume figures count every message read. `host_cpu` is where each CPU's time
+/// went from the end of the warmup to the end of the run.
 pub fn build(
     args: &Args,
     stats: &Stats,
     measured: Duration,
     consume_window: Duration,
     extra_errors: u64,
+    host_cpu: &[CpuShare],
 ) -> Report {
     let secs = measured.as_secs_f64().max(1e-9);
     let consume_secs = consume_window.as_secs_f64().max(1e-9);
@@ -55,6 +62,10 @@ pub fn build(
         },
         "e2e_latency_us": latency_json(&stats.e2e_latency.borrow()),
         "send_lag_us": latency_json(&stats.send_lag.borrow()),
+        "host": {
+            "cpus": host_cpu,
+            "max_steal_pct": host::max_steal(host_cpu),
+        },
         "errors": errors,
     });
     Report { json, errors }
@@ -116,5 +127,35 @@ pub fn print(report: &Report, stats: &Stats) {
     );
     for e in stats.error_samples.borrow().iter() {
         println!("  error: {e}");
+    }
+    print_host(&j["host"]);
+}
+
+/// One line on where the machine's CPU time went, and a warning when the hypervisor took a
+/// share large enough to spoil comparisons.
+fn print_host(host: &serde_json::Value) {
+    let Some(cpus) = host["cpus"].as_array().filter(|c| !c.is_empty()) else {
+        return;
+    };
+    let f = |v: &serde_json::Value| v.as_f64().unwrap_or(0.0);
+    let parts: Vec<String> = cpus
+        .iter()
+        .map(|c| {
+            format!(
+                "cpu{} busy {:.0}% iowait {:.0}% steal {:.0}%",
+                c["cpu"],
+                f(&c["busy_pct"]),
+                f(&c["iowait_pct"]),
+                f(&c["steal_pct"])
+            )
+        })
+        .collect();
+    println!("host CPU after the warmup: {}", parts.join(" | "));
+    let steal = f(&host["max_steal_pct"]);
+    if steal >= STEAL_WARNING_PCT {
+        println!(
+            "warning: the hypervisor took {steal:.0}% of a CPU (steal) during this run: its \
+             figures are not comparable with a run on quiet cores"
+        );
     }
 }
