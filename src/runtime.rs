@@ -1,6 +1,7 @@
 //! Running client-side code (CLI, load generator, tests) on a glommio executor.
 
 use std::future::Future;
+use std::time::Duration;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
@@ -14,6 +15,17 @@ where
     F: Future<Output = T> + 'static,
     T: Send + 'static,
 {
+    block_on_polling(cpu, Duration::ZERO, fut)
+}
+
+/// Like [`block_on`], but when idle the executor keeps polling for up to `spin` before it
+/// sleeps: for a load generator on a core of its own, whose wake-ups would otherwise count in
+/// the latency it measures.
+pub fn block_on_polling<T, F>(cpu: Option<usize>, spin: Duration, fut: F) -> Result<T, String>
+where
+    F: Future<Output = T> + 'static,
+    T: Send + 'static,
+{
     let placement = match cpu {
         Some(cpu) => Placement::Fixed(cpu),
         None => Placement::Unbound,
@@ -21,6 +33,7 @@ where
     let executor = LocalExecutorBuilder::new(placement)
         .name("corebus-client")
         .io_memory(CLIENT_IO_MEMORY_BYTES)
+        .spin_before_park(spin)
         .make()
         .map_err(|e| format!("starting a glommio executor: {e}"))?;
     Ok(executor.run(fut))

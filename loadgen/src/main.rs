@@ -105,9 +105,12 @@ fn run(args: &mut Args) -> Result<ExitCode, String> {
         format!("loadgen-{}-{now}", std::process::id())
     });
     args.topic = Some(topic.clone());
+    let spin = args.resolved_spin();
+    args.spin = Some(spin);
     let run_args = args.clone();
-    let outcome =
-        corebus::runtime::block_on(args.cpu, async move { load(run_args, addr, topic).await })?;
+    let outcome = corebus::runtime::block_on_polling(args.cpu, spin, async move {
+        load(run_args, addr, topic).await
+    })?;
     if let Some(mut b) = broker {
         b.stop()?;
     }
