@@ -75,8 +75,8 @@ pub struct Args {
     /// CPU for the embedded broker.
     #[arg(long)]
     pub broker_cpu: Option<usize>,
-    /// How long the generator's core keeps polling for work before it sleeps. Waking a
-    /// sleeping core added 0.1-0.6 ms to the measured p50 on the development VM. Default:
+    /// How long the generator's core keeps polling for work before it sleeps. Its wake-ups
+    /// added 0.1-1.2 ms to the measured open-loop ack p50 on the development VM. Default:
     /// 10ms when the generator has a core of its own (`--cpu`, and not the embedded broker's
     /// `--broker-cpu`), else 0.
     #[arg(long, value_parser = parse_duration)]

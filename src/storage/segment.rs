@@ -123,7 +123,7 @@ impl Segment {
         let renamed = glommio::executor()
             .spawn_blocking(move || {
                 std::fs::rename(&from_owned, &to_owned)?;
-                std::fs::File::open(&dir_owned).and_then(|d| d.sync_all())
+                sync_dir_blocking(&dir_owned)
             })
             .await;
         if let Err(e) = renamed {
@@ -337,7 +337,12 @@ impl IndexAppend {
 pub async fn sync_dir(dir: &Path) -> Result<(), StorageError> {
     let owned = dir.to_path_buf();
     glommio::executor()
-        .spawn_blocking(move || std::fs::File::open(&owned).and_then(|f| f.sync_all()))
+        .spawn_blocking(move || sync_dir_blocking(&owned))
         .await
         .map_err(|e| StorageError::io(format!("fsync of directory {}", dir.display()), &e))
+}
+
+/// `fsync` of a directory, blocking: for code already on glommio's blocking-thread pool.
+fn sync_dir_blocking(dir: &Path) -> std::io::Result<()> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all())
 }
