@@ -166,3 +166,103 @@ fn malformed_frames_and_batches_get_errors_and_the_broker_keeps_serving() {
     ));
     assert_eq!(values, "before\nafter\n");
 }
+
+/// A `Request` envelope built by hand: `body_type` set or not, `body` present or not.
+fn envelope_frame(id: u64, body_type: u8, with_body: bool) -> Vec<u8> {
+    let mut fbb = FlatBufferBuilder::new();
+    let body = with_body.then(|| {
+        wire::ListTopicsRequest::create(&mut fbb, &wire::ListTopicsRequestArgs {}).as_union_value()
+    });
+    let request = wire::Request::create(
+        &mut fbb,
+        &wire::RequestArgs {
+            correlation_id: id,
+            body_type: wire::RequestBody(body_type),
+            body,
+        },
+    );
+    fbb.finish_size_prefixed(request, None);
+    fbb.finished_data()[4..].to_vec()
+}
+
+/// protocol.md sections 3 and 5, as documented: a reply carries the request's own id wherever
+/// the envelope can be read, id 0 only for frames that can not be tied to a request (and for
+/// a request that used the reserved id 0), and the connection stays open throughout.
+#[test]
+fn envelope_errors_echo_the_correlation_id_and_keep_the_connection() {
+    let broker = Broker::start("envelope", 1, &[]);
+    let mut s = connect(&broker.addr());
+    let cases: [(&str, Vec<u8>, u64, ErrorCode); 5] = [
+        (
+            "a known body type without its body",
+            envelope_frame(21, wire::RequestBody::ProduceRequest.0, false),
+            21,
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "an unknown body type without a body",
+            envelope_frame(22, 200, false),
+            22,
+            ErrorCode::UnsupportedRequest,
+        ),
+        (
+            "an unknown body type with a table",
+            envelope_frame(23, 200, true),
+            23,
+            ErrorCode::UnsupportedRequest,
+        ),
+        (
+            "the reserved correlation id 0",
+            envelope_frame(0, wire::RequestBody::ListTopicsRequest.0, true),
+            0,
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "a zero-length frame",
+            Vec::new(),
+            0,
+            ErrorCode::InvalidRequest,
+        ),
+    ];
+    for (what, frame, want_id, want_code) in cases {
+        let reply = raw_round_trip(&mut s, &frame).unwrap_or_else(|| panic!("reply to {what}"));
+        let (id, err) = envelope_error(&reply);
+        assert_eq!(id, want_id, "{what}: correlation id");
+        assert_eq!(err.expect("an error").code, want_code, "{what}: code");
+    }
+    // Still open and serving: a well-formed request on the same connection.
+    let reply = raw_round_trip(&mut s, &requests::list_topics(24).as_bytes()[4..]).expect("reply");
+    let (id, err) = envelope_error(&reply);
+    assert_eq!((id, err), (24, None));
+
+    // CommitOffsets to a topic that does not exist fails as a whole, as FetchOffsets does.
+    let mut fbb = FlatBufferBuilder::new();
+    let (group, topic) = (fbb.create_string("g"), fbb.create_string("no-such-topic"));
+    let offset = wire::PartitionOffset::create(
+        &mut fbb,
+        &wire::PartitionOffsetArgs {
+            partition: 0,
+            offset: 5,
+            error: None,
+        },
+    );
+    let offsets = fbb.create_vector(&[offset]);
+    let body = wire::CommitOffsetsRequest::create(
+        &mut fbb,
+        &wire::CommitOffsetsRequestArgs {
+            group: Some(group),
+            topic: Some(topic),
+            offsets: Some(offsets),
+        },
+    );
+    let frame = finish_request(
+        fbb,
+        25,
+        wire::RequestBody::CommitOffsetsRequest,
+        body.as_union_value(),
+    );
+    let reply = raw_round_trip(&mut s, &frame.as_bytes()[4..]).expect("reply");
+    let (id, err) = envelope_error(&reply);
+    assert_eq!(id, 25);
+    assert_eq!(err.expect("error").code, ErrorCode::UnknownTopic);
+}

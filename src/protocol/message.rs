@@ -79,6 +79,57 @@ pub fn parse_request(frame: &[u8]) -> Result<wire::Request<'_>, ApiError> {
     )
 }
 
+/// What can be read of a request envelope without verifying the frame: enough to answer a
+/// frame that fails verification with its own correlation id instead of 0, so that a client
+/// fails one request rather than every request in flight (protocol.md section 3).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnvelopePeek {
+    /// The request's `correlation_id` (0 when absent).
+    pub correlation_id: u64,
+    /// The raw union tag `body_type` (0, `NONE`, when absent).
+    pub body_type: u8,
+    /// Whether the `body` field is present.
+    pub has_body: bool,
+}
+
+/// Reads the `Request` root table's first three fields by hand, every read bounds-checked:
+/// `None` when the root table or its vtable does not lie inside the frame (length prefix
+/// included). Nothing else of the frame is trusted.
+pub fn peek_envelope(frame: &[u8]) -> Option<EnvelopePeek> {
+    let buf = frame.get(4..)?;
+    let read = |pos: usize, n: usize| buf.get(pos..pos.checked_add(n)?);
+    let u16_at = |pos: usize| read(pos, 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |pos: usize| read(pos, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let table = u32_at(0)? as usize;
+    let vtable = i64::try_from(table).ok()? - i64::from(u32_at(table)? as i32);
+    let vtable = usize::try_from(vtable).ok()?;
+    let vtable_len = usize::from(u16_at(vtable)?);
+    // The table-relative position of field `i`, or None when the field is absent.
+    let field = |i: usize| -> Option<usize> {
+        let slot = 4 + 2 * i;
+        if slot + 2 > vtable_len {
+            return None;
+        }
+        match u16_at(vtable + slot)? {
+            0 => None,
+            at => Some(table + usize::from(at)),
+        }
+    };
+    let correlation_id = match field(0) {
+        Some(pos) => u64::from_le_bytes(read(pos, 8)?.try_into().ok()?),
+        None => 0,
+    };
+    let body_type = match field(1) {
+        Some(pos) => *read(pos, 1)?.first()?,
+        None => 0,
+    };
+    Some(EnvelopePeek {
+        correlation_id,
+        body_type,
+        has_body: field(2).is_some(),
+    })
+}
+
 /// Verifies and parses a whole response frame (length prefix included).
 pub fn parse_response(frame: &[u8]) -> Result<wire::Response<'_>, ApiError> {
     flatbuffers::size_prefixed_root_with_opts::<wire::Response>(&verifier_options(), frame).map_err(
@@ -215,6 +266,40 @@ pub fn error_response(correlation_id: u64, error: &ApiError) -> OutFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peek_envelope_reads_what_the_verifier_refuses_and_nothing_out_of_bounds() {
+        let mut fbb = FlatBufferBuilder::new();
+        let request = wire::Request::create(
+            &mut fbb,
+            &wire::RequestArgs {
+                correlation_id: 0x0102_0304_0506_0708,
+                body_type: wire::RequestBody::FetchRequest,
+                body: None,
+            },
+        );
+        fbb.finish_size_prefixed(request, None);
+        let frame = fbb.finished_data();
+        assert!(
+            parse_request(frame).is_err(),
+            "a union tag without its value"
+        );
+        let peek = peek_envelope(frame).expect("readable envelope");
+        assert_eq!(
+            peek,
+            EnvelopePeek {
+                correlation_id: 0x0102_0304_0506_0708,
+                body_type: wire::RequestBody::FetchRequest.0,
+                has_body: false,
+            }
+        );
+        // Every truncation either reads nothing or stays inside the bytes it was given.
+        for cut in 0..frame.len() {
+            let _ = peek_envelope(&frame[..cut]);
+        }
+        assert_eq!(peek_envelope(&[0, 0, 0, 0]), None);
+        assert_eq!(peek_envelope(&[8, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]), None);
+    }
 
     #[test]
     fn error_response_round_trips() {

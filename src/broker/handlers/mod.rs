@@ -15,20 +15,31 @@ use bytes::Bytes;
 
 use super::shard::Shard;
 use crate::protocol::frame::OutFrame;
-use crate::protocol::message::{error_response, parse_request, ApiError};
+use crate::protocol::message::{error_response, parse_request, peek_envelope, ApiError};
 use crate::protocol::wire::{ErrorCode, RequestBody};
 
 /// Verifies a request frame and runs its handler. Never panics on bad input: a frame that
-/// fails verification gets an error reply with correlation id 0.
+/// fails verification gets an error reply with its correlation id where that can be read,
+/// else with id 0 (see [`unverified`]).
 pub async fn dispatch(shard: &Shard, frame: Bytes) -> OutFrame {
     let request = match parse_request(&frame) {
         Ok(request) => request,
         Err(e) => {
+            let (id, e) = unverified(&frame, e);
             shard.metrics.count_error(e.code);
-            return error_response(0, &e);
+            return error_response(id, &e);
         }
     };
     let id = request.correlation_id();
+    if id == 0 {
+        // Id 0 marks connection-level errors: a reply to it could not be told apart.
+        let e = ApiError::new(
+            ErrorCode::InvalidRequest,
+            "correlation id 0 is reserved for connection-level errors; number requests from 1",
+        );
+        shard.metrics.count_error(e.code);
+        return error_response(0, &e);
+    }
     let started = std::time::Instant::now();
     let kind = request.body_type();
     let result = match kind {
@@ -88,10 +99,7 @@ pub async fn dispatch(shard: &Shard, frame: Bytes) -> OutFrame {
             None => Err(missing_body()),
         },
         RequestBody::StatsRequest => Ok(stats::handle(shard, id).await),
-        other => Err(ApiError::new(
-            ErrorCode::UnsupportedRequest,
-            format!("request kind {} is not supported", other.0),
-        )),
+        other => Err(unsupported(other)),
     };
     let elapsed = started.elapsed().as_secs_f64();
     match kind {
@@ -103,6 +111,30 @@ pub async fn dispatch(shard: &Shard, frame: Bytes) -> OutFrame {
         shard.metrics.count_error(e.code);
         error_response(id, &e)
     })
+}
+
+/// The reply to a frame that failed verification: with the request's own correlation id
+/// when the envelope can be read and the id is not 0, and the error a verified frame would
+/// have got (a known body type without its body: `InvalidRequest`; an unknown one:
+/// `UnsupportedRequest`). Anything else is the verifier's `InvalidRequest` with id 0.
+fn unverified(frame: &[u8], verify_error: ApiError) -> (u64, ApiError) {
+    let Some(peek) = peek_envelope(frame).filter(|p| p.correlation_id != 0) else {
+        return (0, verify_error);
+    };
+    let known = peek.body_type != 0 && RequestBody(peek.body_type).variant_name().is_some();
+    let error = match (known, peek.has_body) {
+        (true, false) => missing_body(),
+        (false, false) => unsupported(RequestBody(peek.body_type)),
+        _ => verify_error,
+    };
+    (peek.correlation_id, error)
+}
+
+fn unsupported(kind: RequestBody) -> ApiError {
+    ApiError::new(
+        ErrorCode::UnsupportedRequest,
+        format!("request kind {} is not supported", kind.0),
+    )
 }
 
 fn missing_body() -> ApiError {

@@ -48,6 +48,10 @@ pub(super) async fn commit(
 ) -> Result<OutFrame, ApiError> {
     let (group, topic) = (req.group(), req.topic());
     check_group(group)?;
+    // As FetchOffsets: an unknown topic fails the request as a whole (protocol.md section 5).
+    if shard.topic_partitions(topic).is_none() {
+        return Err(unknown_topic(topic));
+    }
     let mut offsets = Vec::new();
     let mut refused = Vec::new();
     for p in req.offsets().iter().flatten() {
@@ -94,10 +98,7 @@ pub(super) async fn fetch(
     let (group, topic) = (req.group(), req.topic());
     check_group(group)?;
     let Some(count) = shard.topic_partitions(topic) else {
-        return Err(ApiError::new(
-            wire::ErrorCode::UnknownTopic,
-            format!("topic '{topic}' does not exist"),
-        ));
+        return Err(unknown_topic(topic));
     };
     let partitions: Vec<u32> = match req.partitions() {
         Some(v) if !v.is_empty() => v.iter().collect(),
@@ -118,4 +119,11 @@ pub(super) async fn fetch(
         wire::ResponseBody::FetchOffsetsResponse,
         body.as_union_value(),
     ))
+}
+
+fn unknown_topic(topic: &str) -> ApiError {
+    ApiError::new(
+        wire::ErrorCode::UnknownTopic,
+        format!("topic '{topic}' does not exist"),
+    )
 }
