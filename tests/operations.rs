@@ -247,6 +247,23 @@ fn a_config_file_sets_everything_and_flags_override_it() {
         .expect("serve");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--segment-bytes"));
+    // A zero that would make every fetch fail is refused at start, naming the flag.
+    let out = Command::new(COREBUS)
+        .args([
+            "serve",
+            "--data-dir",
+            &dir.join("d3").display().to_string(),
+            "--max-fetch-bytes",
+            "0",
+        ])
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--max-fetch-bytes must be at least 1"),
+        "{stderr}"
+    );
 }
 
 #[test]

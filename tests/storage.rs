@@ -318,6 +318,126 @@ fn fdatasync_eio_is_fatal_for_the_partition_never_retried_never_acknowledged() {
     }
 }
 
+/// Issue 16, finding 1: a roll that can not make the next segment's file changes nothing.
+/// Before the fix the old segment was cut to its data end first, while the log kept counting
+/// its preallocated, committed blocks: a later batch that fitted was written past the cut,
+/// extending the file, and acknowledged after a disk cache flush that commits no file size.
+#[test]
+fn a_roll_that_can_not_make_the_next_segment_changes_nothing() {
+    let mut broker = Broker::start_with(
+        "failed-roll",
+        1,
+        &["--segment-bytes", "64KiB", "--preallocate-bytes", "16KiB"],
+        &[("COREBUS_FAILURE_PROBES", "next-segment:enospc:once=0")],
+        None,
+    );
+    ok_stdout(&broker.cli(&["topic", "create", "r", "--partitions", "1"], ""));
+    let big = |tag: char| format!("{}\n", tag.to_string().repeat(40_001));
+    let publish = |value: &str| broker.cli(&["publish", "r", "--print-acks"], value);
+    let first = publish(&big('a'));
+    assert_eq!(parse_acks(&ok_stdout(&first)), vec![(0, 0, 0)]);
+    let segment_zero = broker
+        .data_dir
+        .join("topics/r/0")
+        .join(format!("{:020}.log", 0));
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).expect("segment file");
+    let before = size(&segment_zero);
+
+    // The roll this batch needs fails: refused, and segment 0 keeps its allocation.
+    let refused = publish(&big('b'));
+    assert!(
+        !refused.status.success(),
+        "the batch of a failed roll is refused"
+    );
+    assert!(refused.stdout.is_empty(), "nothing of it is acknowledged");
+    let after = size(&segment_zero);
+    assert!(
+        after >= before,
+        "a failed roll must not cut the active segment ({before} -> {after} bytes)"
+    );
+    assert!(broker
+        .log_text()
+        .contains("failure probe NextSegment fired"));
+
+    // A batch that fits goes on in segment 0; the next big one rolls for real.
+    let small = publish("small\n");
+    assert_eq!(parse_acks(&ok_stdout(&small)), vec![(0, 0, 1)]);
+    let rolled = publish(&big('c'));
+    assert_eq!(parse_acks(&ok_stdout(&rolled)), vec![(0, 0, 2)]);
+    let segments = std::fs::read_dir(broker.data_dir.join("topics/r/0"))
+        .expect("partition dir")
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .count();
+    assert_eq!(segments, 2, "the retried roll made the second segment");
+
+    // Everything acknowledged is there after a crash, at its offset, and nothing else.
+    broker.kill9();
+    broker.set_env(&[]);
+    broker.restart();
+    let out = ok_stdout(&broker.cli(
+        &["consume", "r", "--format", "json", "--idle-timeout", "1s"],
+        "",
+    ));
+    let consumed: Vec<(u64, String)> = parse_consumed(&out)
+        .into_iter()
+        .map(|c| (c.offset, c.value))
+        .collect();
+    let want: Vec<(u64, String)> = vec![
+        (0, big('a').trim_end().to_string()),
+        (1, "small".to_string()),
+        (2, big('c').trim_end().to_string()),
+    ];
+    assert_eq!(consumed, want);
+}
+
+/// Issue 16, finding 11: retention by age goes by the broker's append time when a producer's
+/// clock runs ahead: a record stamped ten years from now does not keep its segment forever.
+#[test]
+fn retention_by_age_is_bounded_by_the_append_time() {
+    let broker = Broker::start(
+        "future-retention",
+        1,
+        &[
+            "--segment-age",
+            "200ms",
+            "--retention-ms",
+            "1s",
+            "--retention-check-interval",
+            "100ms",
+        ],
+    );
+    ok_stdout(&broker.cli(&["topic", "create", "f", "--partitions", "1"], ""));
+    let ten_years_ms: i64 = 10 * 365 * 24 * 3600 * 1000;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    let mut builder = corebus::record::BatchBuilder::new();
+    builder.push(&corebus::record::RecordWriter {
+        timestamp_ms: now + ten_years_ms,
+        value: b"from the future",
+        ..corebus::record::RecordWriter::default()
+    });
+    let frame = corebus::client::requests::produce(1, "f", 0, bytes::Bytes::from(builder.finish()));
+    let mut s = std::net::TcpStream::connect(broker.addr()).expect("connect");
+    let reply = common::raw_round_trip(&mut s, &frame.to_vec()[4..]).expect("reply");
+    let response = corebus::protocol::message::parse_response(&reply).expect("valid reply");
+    let body = response.body_as_produce_response().expect("produce reply");
+    let part = body.partitions().expect("partitions").get(0);
+    assert!(part.error().is_none(), "the future record is accepted");
+    // The segment age passes, and the next append rolls the segment holding it.
+    let first = segment_files(&broker.data_dir, "f", 0);
+    wait_until("the segment age to pass", Duration::from_secs(5), || {
+        let out = ok_stdout(&broker.cli(&["publish", "f", "--print-acks"], "now\n"));
+        !out.is_empty() && segment_files(&broker.data_dir, "f", 0).len() > first.len()
+    });
+    wait_until(
+        "retention to delete the segment of the future record",
+        Duration::from_secs(20),
+        || !first[0].exists(),
+    );
+}
+
 #[test]
 fn segments_roll_reads_cross_them_and_retention_deletes_whole_segments() {
     let broker = Broker::start(

@@ -79,6 +79,13 @@ fn settle(
     rows
 }
 
+/// The wall clock in ms since the epoch: the clock the broker's lock ends are on.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
 fn token(event: &serde_json::Value) -> String {
     event["lock_token"]
         .as_str()
@@ -387,6 +394,10 @@ fn lock_expiry_release_delay_renew_and_late_ack() {
         &["subscription", "create", "t", "s", "--lock-duration", "1s"],
         "",
     ));
+    ok_stdout(&broker.cli(
+        &["subscription", "create", "t", "r", "--lock-duration", "3s"],
+        "",
+    ));
     publish(&broker, "t", &["first".to_string()], &["--type", "x"]);
 
     // Lock expiry: delivered again with delivery_count + 1, not before the lock ends.
@@ -431,28 +442,54 @@ fn lock_expiry_release_delay_renew_and_late_ack() {
     );
     assert_eq!(third.len(), 1);
     assert_eq!(third[0]["delivery_count"], 3);
+    let acked = settle(&broker, "ack", "t", "s", &[], &[&token(&third[0])]);
+    assert!(acked[0].1, "{acked:?}");
 
-    // Renew keeps the lock past its first end, and the ack then succeeds.
-    let t3 = token(&third[0]);
-    std::thread::sleep(Duration::from_millis(600));
-    let renewed = settle(&broker, "renew", "t", "s", &[], &[&t3]);
+    // Renew keeps the lock past its first end, and the ack then succeeds. Timed by the lock
+    // ends the broker reports (a 3 s lock renewed halfway), not by sleeps in the test.
+    let held = receive(&broker, "t", "r", 10, "5s");
+    assert_eq!(held.len(), 1);
+    let first_until = held[0]["locked_until"].as_i64().expect("locked_until");
+    wait_until("half the lock has passed", Duration::from_secs(5), || {
+        now_ms() >= first_until - 1_500
+    });
+    let held_token = token(&held[0]);
+    let renewed = settle(&broker, "renew", "t", "r", &[], &[&held_token]);
+    assert!(renewed[0].1, "{renewed:?}");
+    let renewed_until: i64 = renewed[0]
+        .2
+        .split("locked-until=")
+        .nth(1)
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no lock end in {renewed:?}"));
     assert!(
-        renewed[0].1 && renewed[0].2.contains("locked-until="),
-        "{renewed:?}"
+        renewed_until > first_until,
+        "the renewed lock ends later: {renewed_until} vs {first_until}"
     );
-    std::thread::sleep(Duration::from_millis(600)); // past the first lock's end
+    wait_until(
+        "the first lock's end has passed",
+        Duration::from_secs(5),
+        || now_ms() > first_until,
+    );
     assert!(
-        receive(&broker, "t", "s", 10, "0s").is_empty(),
+        receive(&broker, "t", "r", 10, "0s").is_empty(),
         "a renewed lock still holds"
     );
-    let acked = settle(&broker, "ack", "t", "s", &[], &[&t3]);
+    assert!(
+        now_ms() < renewed_until,
+        "the check ran within the renewed lock (the machine stalled for over a second)"
+    );
+    let acked = settle(&broker, "ack", "t", "r", &[], &[&held_token]);
     assert!(acked[0].1, "{acked:?}");
 
     // An ack after the lock expired is refused, not silently accepted.
     publish(&broker, "t", &["second".to_string()], &["--type", "x"]);
     let second = receive(&broker, "t", "s", 10, "5s");
     assert_eq!(second.len(), 1);
-    std::thread::sleep(Duration::from_millis(1_200));
+    let second_until = second[0]["locked_until"].as_i64().expect("locked_until");
+    wait_until("the lock's end has passed", Duration::from_secs(5), || {
+        now_ms() > second_until
+    });
     let late = settle(&broker, "ack", "t", "s", &[], &[&token(&second[0])]);
     assert!(!late[0].1, "{late:?}");
     assert!(
@@ -597,6 +634,69 @@ fn max_deliveries_ttl_and_reject_go_to_the_dead_letter_topic() {
     for sub in ["md", "ttl", "rj"] {
         assert_eq!(rows[sub]["dead_lettered"], 1, "{list}");
     }
+}
+
+/// Issue 16, finding 7: dead letters go out in batches within `--max-batch-bytes`, so that
+/// one settle can reject more than fits in one batch; an event whose dead letter would not
+/// fit even alone is dropped and counted, never left locked.
+#[test]
+fn rejecting_more_than_one_batch_holds_dead_letters_every_event() {
+    let limit: usize = 2 << 20;
+    let broker = Broker::start("dl-split", 1, &["--max-batch-bytes", "2MiB"]);
+    ok_stdout(&broker.cli(&["topic", "create", "big", "--partitions", "1"], ""));
+    ok_stdout(&broker.cli(&["topic", "create", "big-dlq", "--partitions", "1"], ""));
+    ok_stdout(&broker.cli(
+        &[
+            "subscription",
+            "create",
+            "big",
+            "all",
+            "--dead-letter",
+            "big-dlq",
+        ],
+        "",
+    ));
+    // 80 events of 60 kB: 4.8 MB of dead letters, three batches at least.
+    let values: Vec<String> = (0..80)
+        .map(|i| format!("{i:03}-{}", "x".repeat(60_000)))
+        .collect();
+    publish(&broker, "big", &values, &[]);
+    // One event that fits a batch, but whose dead letter (seven headers more) does not.
+    let huge = "h".repeat(limit - 64 - 34 - 36 - 100);
+    publish(&broker, "big", &[huge.clone()], &[]);
+
+    let mut events = Vec::new();
+    wait_until("every event received", Duration::from_secs(30), || {
+        events.extend(receive(&broker, "big", "all", 1000, "1s"));
+        events.len() >= 81
+    });
+    assert_eq!(events.len(), 81);
+    let tokens: Vec<String> = events.iter().map(token).collect();
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    for (_, ok, line) in settle(&broker, "reject", "big", "all", &[], &refs) {
+        assert!(ok, "every reject is settled: {line}");
+    }
+
+    let dead = consume_all(&broker, "big-dlq");
+    let mut got: Vec<String> = dead.iter().map(value).collect();
+    got.sort();
+    assert_eq!(
+        got, values,
+        "every event but the oversized one is dead-lettered"
+    );
+    assert!(dead
+        .iter()
+        .all(|d| d["headers"]["deadletterreason"] == "rejected"));
+    let list = ok_stdout(&broker.cli(&["subscription", "list", "big", "--format", "json"], ""));
+    let row: serde_json::Value = serde_json::from_str(list.trim()).expect("json");
+    assert_eq!(row["dead_lettered"], 80, "{list}");
+    assert_eq!(
+        row["dropped"], 1,
+        "the oversized dead letter is counted: {list}"
+    );
+    assert_eq!(row["locked"], 0, "nothing stays locked: {list}");
+    assert!(broker.log_text().contains("over --max-batch-bytes"));
+    assert!(receive(&broker, "big", "all", 10, "0s").is_empty());
 }
 
 #[test]

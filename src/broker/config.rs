@@ -241,6 +241,43 @@ impl BrokerConfig {
         if self.max_inflight_per_connection == 0 {
             return Err("--max-inflight-per-connection must be at least 1".into());
         }
+        // Zero in any of these would make every request fail (or a timer spin): refused here.
+        let at_least_one = [
+            ("--max-fetch-bytes", self.max_fetch_bytes as u64),
+            ("--max-batch-bytes", self.max_batch_bytes as u64),
+            ("--max-batch-records", u64::from(self.max_batch_records)),
+            ("--max-topics", self.max_topics as u64),
+            ("--max-partitions-total", self.max_partitions_total),
+            (
+                "--max-partitions-per-topic",
+                u64::from(self.max_partitions_per_topic),
+            ),
+            (
+                "--max-subscriptions-per-topic",
+                self.max_subscriptions_per_topic as u64,
+            ),
+            (
+                "--max-unsettled-per-partition",
+                self.max_unsettled_per_partition as u64,
+            ),
+            (
+                "max_pending_bytes_per_partition",
+                self.max_pending_bytes_per_partition as u64,
+            ),
+            ("max_receive_events", u64::from(self.max_receive_events)),
+            ("max_receive_bytes", self.max_receive_bytes as u64),
+            ("max_settle_tokens", self.max_settle_tokens as u64),
+            ("index_interval_bytes", self.index_interval_bytes),
+            ("--checkpoint-interval (ms)", self.checkpoint_interval_ms),
+            ("--retention-check-interval (ms)", self.retention_check_ms),
+            (
+                "--subscription-sweep-interval (ms)",
+                self.subscription_sweep_ms,
+            ),
+        ];
+        if let Some((name, _)) = at_least_one.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be at least 1, got 0"));
+        }
         Ok(())
     }
 }

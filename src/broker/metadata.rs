@@ -7,7 +7,6 @@
 //! to a consensus service (etcd) when corebus spans machines.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::subscription::{Filter, StartPosition, SubscriptionConfig};
@@ -234,16 +233,8 @@ impl MetadataStore {
             .collect();
         let text = serde_json::json!({"format": 1, "topics": list, "subscriptions": subscriptions})
             .to_string();
-        let tmp = self.path.with_extension("json.tmp");
-        let dir = self.path.parent().unwrap_or(Path::new("."));
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &self.path)?;
-            std::fs::File::open(dir)?.sync_all()
-        };
-        write().map_err(|e| format!("saving {}: {e}", self.path.display()))
+        crate::storage::atomic_file::replace(&self.path, text.as_bytes())
+            .map_err(|e| format!("saving {}: {e}", self.path.display()))
     }
 }
 

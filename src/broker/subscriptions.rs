@@ -30,7 +30,7 @@ use super::shard::{now_ms, owner_of, shard_gone, storage_to_api, Shard};
 use crate::groups::GroupOffsets;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
-use crate::record::{BatchBuilder, RecordIter, RecordWriter};
+use crate::record::{BatchBuilder, RecordIter, RecordWriter, HEADER_LEN};
 use crate::subscription::partition::{PartitionLimits, SettleAction, Settled};
 use crate::subscription::{
     headers, DeadLetter, Delivered, LockToken, SubscriptionConfig, SubscriptionPartition,
@@ -40,6 +40,13 @@ use crate::subscription::{
 const DEAD_LETTER_BATCH: usize = 500;
 /// How long to wait before trying a failed dead-letter append again.
 const DEAD_LETTER_RETRY_MS: i64 = 1_000;
+
+/// What one round of dead-lettering did: the state-log sequence number that makes its
+/// settles durable, and the error and events left over when an append failed.
+struct DeadLetterRound {
+    seq: u64,
+    unfinished: Option<(ApiError, Vec<DeadLetter>)>,
+}
 
 /// The outcome of settling one token: the lock's new end for a renew.
 pub type SettleOutcome = Result<Option<i64>, ApiError>;
@@ -759,16 +766,20 @@ impl Shard {
         }
         for (_, (sp, items)) in rejected {
             let dls: Vec<DeadLetter> = items.iter().map(|(_, dl)| *dl).collect();
-            let outcome = match self.dead_letter(&sp, dls.clone()).await {
-                Ok(seq) => sp.durable(seq).await.map_err(storage_to_api),
-                Err(e) => {
-                    // Still on its way: the sweeper tries again.
-                    sp.requeue_dead_letters(dls);
-                    Err(e)
-                }
-            };
-            for (i, _) in items {
-                results.push((i, outcome.clone().map(|()| None)));
+            let round = self.dead_letter(&sp, dls).await;
+            let durable = sp.durable(round.seq).await.map_err(storage_to_api);
+            let unfinished = round.unfinished.map(|(e, rest)| {
+                let offsets: Vec<u64> = rest.iter().map(|dl| dl.offset).collect();
+                // Still on its way: the sweeper tries again.
+                sp.requeue_dead_letters(rest);
+                (e, offsets)
+            });
+            for (i, dl) in items {
+                let outcome = match &unfinished {
+                    Some((e, offsets)) if offsets.contains(&dl.offset) => Err(e.clone()),
+                    _ => durable.clone(),
+                };
+                results.push((i, outcome.map(|()| None)));
             }
         }
         results
@@ -777,17 +788,29 @@ impl Shard {
     // ------------------------------------------------------------------ dead letters
 
     /// Appends events to the subscription's dead-letter topic (or drops them without one)
-    /// and records them as settled; returns the state-log sequence number to wait for.
+    /// and records them as settled, in batches of at most `--max-batch-bytes`. An event whose
+    /// dead letter would not fit in a batch even alone is dropped, logged and counted with the
+    /// subscription's dropped events. The round's state-log sequence number is the one to
+    /// wait for; an append that fails leaves its events and every later one unfinished.
     async fn dead_letter(
         &self,
         sp: &Rc<SubscriptionPartition>,
         mut items: Vec<DeadLetter>,
-    ) -> Result<u64, ApiError> {
+    ) -> DeadLetterRound {
         items.sort_by_key(|d| d.offset);
         items.dedup_by_key(|d| d.offset);
+        let mut round = DeadLetterRound {
+            seq: sp.last_seq(),
+            unfinished: None,
+        };
         let offsets: Vec<u64> = items.iter().map(|d| d.offset).collect();
-        let records = sp.read_records(&offsets).await.map_err(storage_to_api)?;
-        let mut seq = sp.last_seq();
+        let records = match sp.read_records(&offsets).await {
+            Ok(records) => records,
+            Err(e) => {
+                round.unfinished = Some((storage_to_api(e), items));
+                return round;
+            }
+        };
         let target = sp
             .config
             .dead_letter_topic
@@ -804,55 +827,109 @@ impl Shard {
                         dl.offset
                     );
                 }
-                seq = sp.settle_dead_letter(dl.offset, false);
+                round.seq = sp.settle_dead_letter(dl.offset, false);
             }
-            return Ok(seq);
+            return round;
         };
-        let now = now_ms();
-        let mut builder = BatchBuilder::new();
-        let mut included = Vec::new();
-        for dl in &items {
-            let written = records
-                .get(&dl.offset)
-                .is_some_and(|raw| dead_letter_record(&mut builder, raw, sp, dl, now));
-            if written {
-                included.push(dl.offset);
-            } else {
-                tracing::warn!(
-                    "{}/{} subscription {}: event {} is gone from the log; dropped",
-                    sp.topic,
-                    sp.partition,
-                    sp.name,
-                    dl.offset
-                );
-                seq = sp.settle_dead_letter(dl.offset, false);
-            }
-        }
-        if included.is_empty() {
-            return Ok(seq);
-        }
         let partition = sp.partition % dl_partitions.max(1);
-        let batch = Bytes::from(builder.finish());
-        let outcomes = self.produce(&dl_topic, vec![(partition, batch)]).await;
-        match outcomes.into_iter().next() {
-            Some((_, Ok(_))) => {
-                for offset in included {
-                    seq = sp.settle_dead_letter(offset, true);
-                }
-                Ok(seq)
+        let limit = self.config.max_batch_bytes;
+        let now = now_ms();
+        let drop = |dl: &DeadLetter, why: &str| {
+            tracing::warn!(
+                "{}/{} subscription {}: event {} {why}; dropped",
+                sp.topic,
+                sp.partition,
+                sp.name,
+                dl.offset
+            );
+            sp.settle_dead_letter(dl.offset, false)
+        };
+        let (mut batch, mut scratch) = (BatchBuilder::new(), BatchBuilder::new());
+        // Indexes into `items` of the events in `batch`.
+        let mut in_batch: Vec<usize> = Vec::new();
+        for (i, dl) in items.iter().enumerate() {
+            let Some(raw) = records.get(&dl.offset) else {
+                round.seq = drop(dl, "is gone from the log");
+                continue;
+            };
+            // Measured alone first: whether it fits decides where it goes.
+            if !dead_letter_record(&mut scratch, raw, sp, dl, now) {
+                round.seq = drop(dl, "can not be read as a record");
+                continue;
             }
-            Some((_, Err(e))) if e.code == ErrorCode::UnknownTopic => {
-                for offset in included {
-                    seq = sp.settle_dead_letter(offset, false);
-                }
-                Ok(seq)
+            let alone = scratch.size_bytes();
+            let record_bytes = alone - HEADER_LEN;
+            scratch.finish();
+            if alone > limit {
+                let why =
+                    format!("makes a dead letter of {alone} bytes, over --max-batch-bytes {limit}");
+                round.seq = drop(dl, &why);
+                continue;
             }
-            Some((_, Err(e))) => Err(e),
-            None => Err(ApiError::new(
-                ErrorCode::Internal,
-                "dead-letter produce returned no outcome",
-            )),
+            if !in_batch.is_empty() && batch.size_bytes() + record_bytes > limit {
+                let sent = self
+                    .append_dead_letters(sp, &dl_topic, partition, &mut batch, &in_batch, &items)
+                    .await;
+                match sent {
+                    Ok(seq) => round.seq = seq,
+                    Err(e) => {
+                        let rest = in_batch
+                            .iter()
+                            .map(|&k| items[k])
+                            .chain(items[i..].to_vec());
+                        round.unfinished = Some((e, rest.collect()));
+                        return round;
+                    }
+                }
+                in_batch.clear();
+            }
+            dead_letter_record(&mut batch, raw, sp, dl, now);
+            in_batch.push(i);
         }
+        if !in_batch.is_empty() {
+            let sent = self
+                .append_dead_letters(sp, &dl_topic, partition, &mut batch, &in_batch, &items)
+                .await;
+            match sent {
+                Ok(seq) => round.seq = seq,
+                Err(e) => {
+                    round.unfinished = Some((e, in_batch.iter().map(|&k| items[k]).collect()))
+                }
+            }
+        }
+        round
+    }
+
+    /// Appends one finished batch of dead letters (the events `items[k]` for `k` in
+    /// `in_batch`) and records them as settled: the state-log sequence number, or the error.
+    async fn append_dead_letters(
+        &self,
+        sp: &Rc<SubscriptionPartition>,
+        dl_topic: &str,
+        partition: u32,
+        batch: &mut BatchBuilder,
+        in_batch: &[usize],
+        items: &[DeadLetter],
+    ) -> Result<u64, ApiError> {
+        let bytes = Bytes::from(batch.finish());
+        let outcome = self.produce(dl_topic, vec![(partition, bytes)]).await;
+        let dead_lettered = match outcome.into_iter().next() {
+            Some((_, Ok(_))) => true,
+            // The topic was deleted meanwhile: nowhere to put them.
+            Some((_, Err(e))) if e.code == ErrorCode::UnknownTopic => false,
+            Some((_, Err(e))) => return Err(e),
+            None => {
+                return Err(ApiError::new(
+                    ErrorCode::Internal,
+                    "dead-letter produce returned no outcome",
+                ))
+            }
+        };
+        let mut seq = sp.last_seq();
+        for &k in in_batch {
+            seq = sp.settle_dead_letter(items[k].offset, dead_lettered);
+        }
+        Ok(seq)
     }
 
     async fn process_dead_letters(self: Rc<Self>, sp: Rc<SubscriptionPartition>) {
@@ -861,30 +938,27 @@ impl Shard {
             if items.is_empty() {
                 break;
             }
-            match self.dead_letter(&sp, items.clone()).await {
-                Ok(seq) => {
-                    if let Err(e) = sp.durable(seq).await {
-                        tracing::warn!(
-                            "{}/{} subscription {}: recording dead letters failed: {e}",
-                            sp.topic,
-                            sp.partition,
-                            sp.name
-                        );
-                        break;
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(
-                        "{}/{} subscription {}: dead-lettering {} events failed ({e}); retrying",
-                        sp.topic,
-                        sp.partition,
-                        sp.name,
-                        items.len()
-                    );
-                    sp.requeue_dead_letters(items);
-                    sp.dead_letter_retry_ms.set(now_ms() + DEAD_LETTER_RETRY_MS);
-                    break;
-                }
+            let round = self.dead_letter(&sp, items).await;
+            if let Err(e) = sp.durable(round.seq).await {
+                tracing::warn!(
+                    "{}/{} subscription {}: recording dead letters failed: {e}",
+                    sp.topic,
+                    sp.partition,
+                    sp.name
+                );
+                break;
+            }
+            if let Some((e, rest)) = round.unfinished {
+                tracing::warn!(
+                    "{}/{} subscription {}: dead-lettering {} events failed ({e}); retrying",
+                    sp.topic,
+                    sp.partition,
+                    sp.name,
+                    rest.len()
+                );
+                sp.requeue_dead_letters(rest);
+                sp.dead_letter_retry_ms.set(now_ms() + DEAD_LETTER_RETRY_MS);
+                break;
             }
         }
         sp.dead_lettering.set(false);

@@ -110,6 +110,16 @@ impl<'a> BatchHeader<'a> {
     pub fn max_timestamp_ms(&self) -> i64 {
         read_u64(self.bytes, MAX_TIMESTAMP) as i64
     }
+    /// The batch's time for retention by age and the time index: its largest record
+    /// timestamp, but never later than the broker's append time, so that a producer whose
+    /// clock runs ahead can not keep a segment forever. A header the broker has not stamped
+    /// (append time 0) keeps the record time.
+    pub fn retention_timestamp_ms(&self) -> i64 {
+        match self.append_time_ms() {
+            stamped if stamped > 0 => self.max_timestamp_ms().min(stamped),
+            _ => self.max_timestamp_ms(),
+        }
+    }
 }
 
 /// A whole batch whose CRC and layout have been checked.

@@ -7,7 +7,6 @@
 //! replaced atomically (temporary file, fsync, rename); a missing or damaged checkpoint only
 //! costs a longer scan.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 const FILE_NAME: &str = "checkpoint";
@@ -69,12 +68,7 @@ impl Checkpoint {
 
     /// Replaces the checkpoint in `dir` atomically and durably (blocking I/O).
     pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let tmp = dir.join("checkpoint.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&self.encode())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path(dir))?;
-        std::fs::File::open(dir)?.sync_all()
+        super::atomic_file::replace(&path(dir), &self.encode())
     }
 }
 

@@ -1,9 +1,11 @@
 //! Storage: partition logs on direct-I/O files and the data directory's superblock.
 //! Owns every byte on disk; knows nothing of sockets or the wire protocol.
 
+pub mod atomic_file;
 pub mod checkpoint;
 pub mod dma;
 pub mod error;
+pub mod extent;
 pub mod fetched;
 pub mod partition_log;
 pub mod prewrite;

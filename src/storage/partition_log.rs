@@ -12,7 +12,7 @@
 //! that arrive while a flush is in flight wait for the next one, so one write + one
 //! `fdatasync` serves many producers. Flushes are sequential per log, so the durable point is
 //! always a prefix; flushes of different logs run concurrently. A flush that only overwrites
-//! blocks already committed (`Segment::synced_to`) may instead share the shard's one disk
+//! blocks already committed (`Extent::synced_to`) may instead share the shard's one disk
 //! flush for the round (`storage::shard_sync`).
 
 use std::cell::RefCell;
@@ -133,8 +133,8 @@ impl StoredBatch {
     fn len(&self) -> usize {
         HEADER_LEN + self.body.len()
     }
-    fn max_timestamp_ms(&self) -> i64 {
-        BatchHeader::parse(&self.header).map_or(i64::MIN, |h| h.max_timestamp_ms())
+    fn retention_timestamp_ms(&self) -> i64 {
+        BatchHeader::parse(&self.header).map_or(i64::MIN, |h| h.retention_timestamp_ms())
     }
 }
 
@@ -322,7 +322,9 @@ impl PartitionLog {
         };
         let active_base = active.base_offset;
         if let Some(active) = segments.back_mut() {
-            active.written_to = align_up(end);
+            // A file cut short (by a roll that then crashed) may end inside the last block.
+            let written = align_up(end).min(active.extent.allocated());
+            active.extent.wrote(written);
         }
         // From here on appends may come: the checkpoint must no longer claim a clean stop.
         let fresh = Checkpoint {
@@ -507,18 +509,13 @@ impl PartitionLog {
                     continue;
                 }
             }
-            let (batches, bytes, file, start_pos, carry, needed, allocated, synced_to) = {
+            let (batches, bytes, file, start_pos, carry, needed, extent) = {
                 let mut st = self.state.borrow_mut();
                 let Some(active) = st.segments.back() else {
                     st.flushing = false;
                     return;
                 };
-                let (end, allocated, synced_to, file) = (
-                    active.end,
-                    active.allocated,
-                    active.synced_to,
-                    Rc::clone(&active.file),
-                );
+                let (end, extent, file) = (active.end, active.extent, Rc::clone(&active.file));
                 let mut batches = Vec::new();
                 let mut bytes = 0usize;
                 while let Some(next) = st.pending.front() {
@@ -541,13 +538,12 @@ impl PartitionLog {
                     align_down(end),
                     st.tail_block.clone(),
                     needed,
-                    allocated,
-                    synced_to,
+                    extent,
                 )
             };
             self.state.borrow_mut().space_waiters.wake_next();
-            if needed > allocated {
-                if let Err(e) = self.grow_active(&file, needed, allocated).await {
+            if needed > extent.allocated() {
+                if let Err(e) = self.grow_active(&file, needed, extent.allocated()).await {
                     self.fail_flush(e, false);
                     continue;
                 }
@@ -566,7 +562,7 @@ impl PartitionLog {
             metrics.flush_bytes.observe(bytes as f64);
             metrics.flush_batches.observe(batches.len() as f64);
             // Only rewritten blocks whose allocation is committed: no metadata to sync.
-            let overwrite = needed <= synced_to;
+            let overwrite = extent.is_overwrite(needed);
             let shared_sync = match &self.config.shard_sync {
                 Some(shard)
                     if self.config.durability == Durability::Sync && shard.serves(overwrite) =>
@@ -669,7 +665,8 @@ impl PartitionLog {
             let Some(active) = st.segments.back_mut() else {
                 return;
             };
-            active.written_to = active.written_to.max(align_up(active.end));
+            let flushed_to = align_up(active.end);
+            active.extent.wrote(flushed_to);
             // Up to the segment's size: a stretch past the allocation is allocated first,
             // here in the background, so that no flush waits for an allocation and then for
             // the zero-fill behind it (seen as 10-25 ms acks every 32 MiB at 100 MB/s).
@@ -677,12 +674,12 @@ impl PartitionLog {
                 lead,
                 flushed,
                 active.end,
-                active.written_to,
+                active.extent.written_to(),
                 self.config.segment_bytes,
             ) else {
                 return;
             };
-            let allocated = active.allocated;
+            let allocated = active.extent.allocated();
             st.prewriting = Some(Prewriting {
                 start: range.0,
                 zeroed_to: range.0,
@@ -734,8 +731,7 @@ impl PartitionLog {
                     if let Some(active) = st.segments.back_mut() {
                         if Rc::ptr_eq(&active.file, &file) {
                             // The zero-fill ends with an fdatasync of the file.
-                            active.written_to = active.written_to.max(zeroed_to);
-                            active.synced_to = active.synced_to.max(zeroed_to);
+                            active.extent.synced(zeroed_to);
                         }
                     }
                 }
@@ -853,7 +849,7 @@ impl PartitionLog {
         let mut st = self.state.borrow_mut();
         if let Some(active) = st.segments.back_mut() {
             if Rc::ptr_eq(&active.file, file) {
-                active.synced_to = active.synced_to.max(to);
+                active.extent.synced(to);
             }
         }
     }
@@ -884,7 +880,7 @@ impl PartitionLog {
         // A flush and a prewrite may both grow the file: the allocation only ever grows.
         if let Some(active) = self.state.borrow_mut().segments.back_mut() {
             if std::ptr::eq(&*active.file, file) {
-                active.allocated = active.allocated.max(target);
+                active.extent.grew(target);
             }
         }
         Ok(())
@@ -908,19 +904,24 @@ impl PartitionLog {
     /// Seals the active segment (its index made durable, its unused preallocation freed) and
     /// starts a new one at the next offset, durable with its directory: the spare when it is
     /// ready (see `storage::spare`), else a file created here.
+    ///
+    /// All or nothing: the next segment is made first, and only then is the old one sealed.
+    /// A roll that can not make the next segment (a full disk, no file descriptors, an error
+    /// on the directory's fsync) leaves the active segment exactly as it was, still growing;
+    /// the next flush tries the roll again.
     async fn roll(&self) -> Result<(), StorageError> {
         // A prewrite still writing zeros into the old segment would grow it past its seal.
         self.prewrite_finished().await;
         let _guard = self.checkpoint_lock.acquire_permit(1).await;
-        let (append, base, sealed_file, sealed_end) = {
+        let base = self.state.borrow().high_watermark;
+        let seg = self.next_segment(base).await?;
+        let (append, sealed_file, sealed_end) = {
             let mut st = self.state.borrow_mut();
-            let next = st.high_watermark;
             let Some(active) = st.segments.back_mut() else {
                 return Ok(());
             };
             (
                 active.take_unwritten_index(),
-                next,
                 Rc::clone(&active.file),
                 active.end,
             )
@@ -934,26 +935,12 @@ impl PartitionLog {
                 self.dir.display()
             );
         }
+        // Only space is lost if this fails: recovery reads a sealed segment up to its zeros.
         let _ = sealed_file.truncate(sealed_end).await;
-        let first = self.config.preallocate_bytes.min(self.config.segment_bytes);
-        let spare = self.state.borrow_mut().spare.take_ready();
-        let seg = match spare {
-            Some((file, prepared)) => {
-                match Segment::adopt_spare(&self.dir, base, file, prepared).await {
-                    Ok(seg) => seg,
-                    Err((file, e)) => {
-                        tracing::warn!("{e}; creating the segment's file instead");
-                        let _ = file.close().await;
-                        Segment::create(&self.dir, base, first).await?
-                    }
-                }
-            }
-            None => Segment::create(&self.dir, base, first).await?,
-        };
         {
             let mut st = self.state.borrow_mut();
             if let Some(old) = st.segments.back_mut() {
-                old.allocated = sealed_end;
+                old.extent.truncated(sealed_end);
             }
             st.segments.push_back(seg);
             st.tail_block.clear();
@@ -966,6 +953,35 @@ impl PartitionLog {
             clean: false,
         };
         save_checkpoint(&self.dir, checkpoint).await
+    }
+
+    /// The file of the segment starting at `base`, durable with its directory: the spare
+    /// when one is ready, else a new file. Changes nothing of the active segment.
+    async fn next_segment(&self, base: u64) -> Result<Segment, StorageError> {
+        if let Some(e) = self.config.probes.hit(ProbePoint::NextSegment) {
+            return Err(StorageError::io(
+                format!(
+                    "making the segment file for offset {base} in {}",
+                    self.dir.display()
+                ),
+                &e,
+            ));
+        }
+        let first = self.config.preallocate_bytes.min(self.config.segment_bytes);
+        let spare = self.state.borrow_mut().spare.take_ready();
+        match spare {
+            Some((file, prepared)) => {
+                match Segment::adopt_spare(&self.dir, base, file, prepared).await {
+                    Ok(seg) => Ok(seg),
+                    Err((file, e)) => {
+                        tracing::warn!("{e}; creating the segment's file instead");
+                        let _ = file.close().await;
+                        Segment::create(&self.dir, base, first).await
+                    }
+                }
+            }
+            None => Segment::create(&self.dir, base, first).await,
+        }
     }
 
     /// Makes a finished flush visible: acknowledges, indexes and caches its batches.
@@ -984,7 +1000,7 @@ impl PartitionLog {
                 b.len() as u64,
                 b.base_offset,
                 b.last_offset,
-                b.max_timestamp_ms(),
+                b.retention_timestamp_ms(),
                 interval,
             );
             pos += b.len() as u64;
@@ -1512,6 +1528,25 @@ impl PartitionLog {
             return; // no clean marker for a log that failed: recovery must scan it
         }
         let _guard = self.checkpoint_lock.acquire_permit(1).await;
+        // A clean marker vouches for the end without a scan: with `--durability write` or
+        // `none` nothing has synced the last writes yet, so this does, or there is no marker.
+        if self.config.durability != Durability::Sync {
+            let file = self
+                .state
+                .borrow()
+                .segments
+                .back()
+                .map(|s| Rc::clone(&s.file));
+            if let Some(file) = file {
+                if let Err(e) = file.fdatasync().await {
+                    tracing::error!(
+                        "fdatasync of {} at shutdown failed: {e}; no clean-shutdown marker",
+                        self.dir.display()
+                    );
+                    return;
+                }
+            }
+        }
         let (append, checkpoint) = {
             let mut st = self.state.borrow_mut();
             let hw = st.high_watermark;
@@ -1599,9 +1634,10 @@ async fn recover_segment(
 ) -> Result<(), StorageError> {
     let path = seg.path("log");
     let active = next_base.is_none();
-    seg.load_index(seg.allocated);
+    seg.load_index(seg.extent.allocated());
     let own_checkpoint = checkpoint.filter(|c| c.segment_base == seg.base_offset);
-    if let Some(c) = own_checkpoint.filter(|c| active && c.clean && c.durable_end <= seg.allocated)
+    if let Some(c) =
+        own_checkpoint.filter(|c| active && c.clean && c.durable_end <= seg.extent.allocated())
     {
         if index_entry_checks_out(seg, c.durable_end, config).await? {
             seg.end = c.durable_end;
@@ -1617,7 +1653,7 @@ async fn recover_segment(
         }
     }
     // Start from the last index entry that points at a valid batch; else from the start.
-    if !index_entry_checks_out(seg, seg.allocated, config).await? {
+    if !index_entry_checks_out(seg, seg.extent.allocated(), config).await? {
         tracing::warn!(
             "{}: index does not match the log; rebuilding it",
             path.display()
@@ -1631,7 +1667,7 @@ async fn recover_segment(
     let durable = match next_base {
         // A sealed segment was made durable before the roll.
         Some(next) => DurablePoint {
-            end: seg.allocated,
+            end: seg.extent.allocated(),
             next_offset: next,
         },
         None => own_checkpoint.map_or(
@@ -1643,7 +1679,7 @@ async fn recover_segment(
             // scan reports their offsets, and the log must not end past the file's bytes
             // (the tail block is read from there and the next flush lands there).
             |c| DurablePoint {
-                end: c.durable_end.min(seg.allocated),
+                end: c.durable_end.min(seg.extent.allocated()),
                 next_offset: c.next_offset,
             },
         ),
@@ -1688,7 +1724,10 @@ async fn index_entry_checks_out(
         return Ok(false);
     };
     let len = header.batch_len() as usize;
-    if header.base_offset() != offset || len < HEADER_LEN || pos + len as u64 > seg.allocated {
+    if header.base_offset() != offset
+        || len < HEADER_LEN
+        || pos + len as u64 > seg.extent.allocated()
+    {
         return Ok(false);
     }
     let bytes = dma::read_range(&seg.file, pos, len, config.max_io_bytes).await?;
@@ -1713,15 +1752,15 @@ async fn cut_tail(seg: &mut Segment, config: &LogConfig) -> Result<(), StorageEr
     filler.put(&vec![0u8; ALIGN as usize - keep.len()]);
     filler.write_at(start).await?;
     let hole = align_up(end).max(start + ALIGN);
-    if seg.allocated > hole {
+    if seg.extent.allocated() > hole {
         seg.file
-            .deallocate(hole, seg.allocated - hole)
+            .deallocate(hole, seg.extent.allocated() - hole)
             .await
             .map_err(|e| {
                 StorageError::glommio(format!("punching the torn tail of {}", path.display()), e)
             })?;
         seg.file
-            .pre_allocate(seg.allocated, false)
+            .pre_allocate(seg.extent.allocated(), false)
             .await
             .map_err(|e| StorageError::glommio(format!("preallocating {}", path.display()), e))?;
     }

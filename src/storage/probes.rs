@@ -3,7 +3,8 @@
 //!
 //! Probes are armed once at start from `COREBUS_FAILURE_PROBES`, a comma-separated list of
 //! `POINT:ERROR:after=N` (fail the (N+1)-th and every later call) or `POINT:ERROR:once=N`
-//! (fail only the (N+1)-th call). POINT is `write` or `fdatasync`; ERROR is `eio` or `enospc`.
+//! (fail only the (N+1)-th call). POINT is `write`, `fdatasync` or `next-segment` (making the
+//! next segment's file in a roll); ERROR is `eio`, `enospc` or `emfile`.
 //! Unarmed probes cost one branch.
 
 use std::cell::Cell;
@@ -15,6 +16,8 @@ pub enum ProbePoint {
     Write,
     /// The `fdatasync` after a flush.
     Fdatasync,
+    /// Making the next segment's file in a roll (adopting the spare or creating one).
+    NextSegment,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -31,6 +34,7 @@ pub struct FailureProbes {
     armed: Vec<Arming>,
     writes: Cell<u64>,
     syncs: Cell<u64>,
+    next_segments: Cell<u64>,
 }
 
 impl FailureProbes {
@@ -47,11 +51,13 @@ impl FailureProbes {
             let point = match *point {
                 "write" => ProbePoint::Write,
                 "fdatasync" => ProbePoint::Fdatasync,
+                "next-segment" => ProbePoint::NextSegment,
                 other => return Err(format!("failure probe '{item}': unknown point '{other}'")),
             };
             let errno = match *error {
                 "eio" => libc::EIO,
                 "enospc" => libc::ENOSPC,
+                "emfile" => libc::EMFILE,
                 other => return Err(format!("failure probe '{item}': unknown error '{other}'")),
             };
             let (repeat, n) = if let Some(n) = when.strip_prefix("after=") {
@@ -100,6 +106,7 @@ impl FailureProbes {
         let counter = match point {
             ProbePoint::Write => &self.writes,
             ProbePoint::Fdatasync => &self.syncs,
+            ProbePoint::NextSegment => &self.next_segments,
         };
         let n = counter.get();
         counter.set(n + 1);

@@ -68,7 +68,7 @@ pub async fn scan_segment(
     corrupt: &mut Vec<CorruptRange>,
 ) -> Result<ScanEnd, StorageError> {
     let durable_end = durable.end;
-    let limit = seg.allocated;
+    let limit = seg.extent.allocated();
     let mut expected = offset;
     seg.end = pos;
     seg.next_offset = offset;
@@ -120,7 +120,7 @@ pub async fn scan_segment(
                     blen as u64,
                     h.base_offset(),
                     h.last_offset(),
-                    h.max_timestamp_ms(),
+                    h.retention_timestamp_ms(),
                     config.index_interval_bytes,
                 );
                 expected = h.last_offset() + 1;

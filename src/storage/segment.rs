@@ -12,6 +12,7 @@ use std::rc::Rc;
 
 use glommio::io::DmaFile;
 
+use super::extent::Extent;
 use super::{dma, StorageError};
 
 const INDEX_ENTRY: usize = 8;
@@ -49,15 +50,8 @@ pub struct Segment {
     pub end: u64,
     /// Offset after the last record in the segment.
     pub next_offset: u64,
-    /// Bytes preallocated on disk.
-    pub allocated: u64,
-    /// Blocks below this position are known written (data or prewritten zeros), not just
-    /// allocated; see `storage::prewrite`.
-    pub written_to: u64,
-    /// Blocks below this are written and an `fdatasync` of this file has committed that: a
-    /// flush that only overwrites them changes no metadata, so a flush of the disk's cache
-    /// alone makes it durable (see `storage::shard_sync`).
-    pub synced_to: u64,
+    /// How far the file is allocated, written and committed (see `storage::extent`).
+    pub extent: Extent,
     /// Sparse offset index: (offset, position), ascending.
     pub index: Vec<(u64, u64)>,
     /// Time index: (largest timestamp so far, offset), ascending.
@@ -65,7 +59,8 @@ pub struct Segment {
     /// Entries of each index already on disk.
     index_on_disk: usize,
     time_index_on_disk: usize,
-    /// Largest record timestamp in the segment (retention by age).
+    /// Largest record timestamp in the segment, each batch's bounded by its append time
+    /// (retention by age; see `BatchHeader::retention_timestamp_ms`).
     pub max_timestamp_ms: i64,
     /// Broker time of the first append (rolling by age); `None` while empty.
     pub first_append_ms: Option<i64>,
@@ -104,7 +99,12 @@ impl Segment {
             let _ = std::fs::remove_file(&path);
             return Err(err);
         }
-        sync_dir(dir).await?;
+        if let Err(e) = sync_dir(dir).await {
+            // Not a segment: a stray file here would claim offsets the active one still holds.
+            let _ = file.close().await;
+            let _ = std::fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(Self::new(dir, base_offset, file, bytes))
     }
 
@@ -131,8 +131,7 @@ impl Segment {
             return Err((file, StorageError::io(context, &e)));
         }
         let mut segment = Self::new(dir, base_offset, file, prepared);
-        segment.written_to = prepared;
-        segment.synced_to = prepared;
+        segment.extent = Extent::prepared(prepared);
         Ok(segment)
     }
 
@@ -143,9 +142,7 @@ impl Segment {
             dir: dir.to_path_buf(),
             end: 0,
             next_offset: base_offset,
-            allocated,
-            written_to: 0,
-            synced_to: 0,
+            extent: Extent::allocated_only(allocated),
             index: Vec::new(),
             time_index: Vec::new(),
             index_on_disk: 0,
@@ -342,7 +339,4 @@ pub async fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(|e| StorageError::io(format!("fsync of directory {}", dir.display()), &e))
 }
 
-/// `fsync` of a directory, blocking: for code already on glommio's blocking-thread pool.
-fn sync_dir_blocking(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all())
-}
+use super::atomic_file::sync_dir as sync_dir_blocking;

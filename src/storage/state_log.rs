@@ -23,8 +23,8 @@
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::fs::OpenOptions;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 
@@ -119,17 +119,8 @@ fn io_err(context: String) -> impl FnOnce(std::io::Error) -> StorageError {
 /// Replaces `path` with `bytes` atomically and durably (blocking): temporary file, fsync,
 /// rename, fsync of the directory.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
-    let tmp = path.with_extension("tmp");
-    let dir = path.parent().unwrap_or(Path::new("."));
     let context = format!("writing {}", path.display());
-    let run = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        File::open(dir)?.sync_all()
-    };
-    run().map_err(io_err(context))
+    super::atomic_file::replace(path, bytes).map_err(io_err(context))
 }
 
 /// Opens `path` for io_uring writes.
@@ -310,9 +301,17 @@ impl StateLog {
             }
             self.path.clone()
         };
-        let _ = glommio::executor()
-            .spawn_blocking(move || std::fs::remove_file(path))
+        // The directory's fsync makes the removal durable: otherwise a state file re-created
+        // under the same name after a power cut could come back as the old one.
+        let removed = glommio::executor()
+            .spawn_blocking(move || {
+                std::fs::remove_file(&path)?;
+                super::atomic_file::sync_dir(path.parent().unwrap_or(Path::new(".")))
+            })
             .await;
+        if let Err(e) = removed {
+            tracing::warn!("removing {}: {e}", self.path.display());
+        }
     }
 
     fn wants_compaction(inner: &Inner) -> bool {

@@ -6,7 +6,6 @@
 //! EOPNOTSUPP (os error 95). Each shard therefore opens and reads back the (never empty)
 //! superblock before any other DmaFile, which doubles as a direct-I/O self-test.
 
-use std::io::Write;
 use std::path::Path;
 
 use glommio::io::DmaFile;
@@ -64,15 +63,8 @@ pub fn ensure(data_dir: &Path) -> Result<(), StorageError> {
     if path.exists() {
         return Ok(());
     }
-    let tmp = data_dir.join(format!("{FILE_NAME}.tmp"));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&encode())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(data_dir)?.sync_all()
-    };
-    write().map_err(|e| StorageError::io(format!("writing {}", path.display()), &e))
+    super::atomic_file::replace(&path, &encode())
+        .map_err(|e| StorageError::io(format!("writing {}", path.display()), &e))
 }
 
 /// Opens the superblock with direct I/O and checks it. Call on every shard before opening
