@@ -318,6 +318,72 @@ fn fdatasync_eio_is_fatal_for_the_partition_never_retried_never_acknowledged() {
     }
 }
 
+/// Issue 16, finding 3 (fsyncgate): a failed sync says the device may have lost writes of
+/// every file on it, so every partition of the shard turns read-only, not only the one whose
+/// sync failed; acknowledged data survives, and a restart on a repaired disk writes again.
+#[test]
+fn a_failed_sync_turns_every_partition_of_the_shard_read_only() {
+    let mut broker = Broker::start_with(
+        "eio-device",
+        1,
+        &[],
+        &[("COREBUS_FAILURE_PROBES", "fdatasync:eio:once=2")],
+        None,
+    );
+    ok_stdout(&broker.cli(&["topic", "create", "d", "--partitions", "2"], ""));
+    let publish = |broker: &Broker, partition: &str, value: &str| {
+        broker.cli(
+            &["publish", "d", "--partition", partition, "--print-acks"],
+            &format!("{value}\n"),
+        )
+    };
+    assert_eq!(
+        parse_acks(&ok_stdout(&publish(&broker, "0", "a0"))),
+        vec![(0, 0, 0)]
+    );
+    assert_eq!(
+        parse_acks(&ok_stdout(&publish(&broker, "1", "b0"))),
+        vec![(0, 1, 0)]
+    );
+    let failed = publish(&broker, "0", "a1");
+    assert!(!failed.status.success() && failed.stdout.is_empty());
+    // Partition 1 synced nothing that failed, but its writes sat in the same disk cache.
+    let other = publish(&broker, "1", "b1");
+    assert!(
+        !other.status.success(),
+        "the other partition must refuse writes"
+    );
+    let stderr = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        stderr.contains("ReadOnly") && stderr.contains("data device"),
+        "{stderr}"
+    );
+    assert!(broker
+        .log_text()
+        .contains("every partition of the shard is now read-only"));
+
+    broker.kill9();
+    broker.set_env(&[]);
+    broker.restart();
+    let out = ok_stdout(&broker.cli(
+        &["consume", "d", "--format", "json", "--idle-timeout", "1s"],
+        "",
+    ));
+    let mut got: Vec<(u32, u64, String)> = parse_consumed(&out)
+        .into_iter()
+        .map(|c| (c.partition, c.offset, c.value))
+        .collect();
+    got.sort();
+    // a1 was written but its sync failed: never acknowledged, it may or may not be there
+    // (at-least-once). b1 was refused before any write.
+    got.retain(|(p, o, _)| (*p, *o) != (0, 1));
+    assert_eq!(got, vec![(0, 0, "a0".into()), (1, 0, "b0".into())]);
+    assert_eq!(
+        parse_acks(&ok_stdout(&publish(&broker, "1", "b2"))),
+        vec![(0, 1, 1)]
+    );
+}
+
 /// Issue 16, finding 1: a roll that can not make the next segment's file changes nothing.
 /// Before the fix the old segment was cut to its data end first, while the log kept counting
 /// its preallocated, committed blocks: a later batch that fitted was written past the cut,

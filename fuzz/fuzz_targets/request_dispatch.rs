@@ -23,7 +23,7 @@ use corebus::broker::handlers::dispatch;
 use corebus::broker::mesh::{ShardMessage, TopicChange};
 use corebus::broker::metadata::TopicConfig;
 use corebus::broker::shard::Shard;
-use corebus::protocol::message::{error_response, parse_request, ApiError};
+use corebus::protocol::message::{error_response, parse_request, peek_envelope, ApiError};
 use corebus::protocol::wire::ErrorCode;
 use corebus::storage::{superblock, Durability};
 use corebus_fuzz::{check_response_frame, quietly, run, scratch_dir, walk_request};
@@ -124,7 +124,8 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(e.code, ErrorCode::InvalidRequest);
             let reply = error_response(0, &e);
             check_response_frame(reply.as_bytes());
-            None
+            // The reply echoes the id wherever the envelope can be read (protocol.md s. 3).
+            peek_envelope(data).map(|peek| peek.correlation_id)
         }
     };
     let custom = ApiError::new(ErrorCode::CorruptBatch, String::from_utf8_lossy(data));

@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use crate::metrics::StorageMetrics;
 use crate::storage::{
-    Durability, FailureProbes, GroupCommit, LogConfig, PrewriteConfig, ShardSync,
+    Durability, FailureProbes, GroupCommit, LogConfig, PrewriteConfig, ShardSync, SyncHealth,
 };
 
 /// Everything `corebus serve` needs to run.
@@ -158,6 +158,7 @@ impl BrokerConfig {
         &self,
         shard_sync: Option<Rc<ShardSync>>,
         probes: Rc<FailureProbes>,
+        sync_health: Rc<SyncHealth>,
         metrics: Rc<StorageMetrics>,
     ) -> LogConfig {
         LogConfig {
@@ -175,6 +176,7 @@ impl BrokerConfig {
             retention_ms: self.retention_ms,
             shard_sync,
             probes,
+            sync_health,
             metrics,
         }
     }

@@ -25,6 +25,7 @@ use crate::protocol::wire::ErrorCode;
 use crate::record::Batch;
 use crate::storage::{
     FailureProbes, FetchedData, GroupCommit, LogConfig, PartitionLog, ShardSync, StorageError,
+    SyncHealth,
 };
 
 /// 64-bit FNV-1a of the topic name: the stable hash behind partition ownership.
@@ -64,6 +65,8 @@ pub struct Shard {
     pub config: Arc<BrokerConfig>,
     /// Fault injection for tests (empty in production).
     probes: Rc<FailureProbes>,
+    /// The first failed sync on this shard's data device (see `storage::sync_health`).
+    sync_health: Rc<SyncHealth>,
     /// The shard-wide syncer, with `--group-commit shard`.
     shard_sync: Option<Rc<ShardSync>>,
     /// What this shard counts.
@@ -138,6 +141,7 @@ impl Shard {
             id,
             count,
             probes,
+            sync_health: Rc::new(SyncHealth::default()),
             shard_sync,
             metrics,
             config,
@@ -188,6 +192,7 @@ impl Shard {
         let mut config = self.config.log_config(
             self.shard_sync.clone(),
             Rc::clone(&self.probes),
+            Rc::clone(&self.sync_health),
             Rc::clone(&self.metrics.storage),
         );
         if topic.retention_ms.is_some() {

@@ -43,6 +43,18 @@ impl StorageError {
         Self::io(context, &io)
     }
 
+    /// True for an I/O error of the device itself (`EIO`): after one from a write or sync,
+    /// writes it had accepted may be lost (see `storage::sync_health`).
+    pub fn is_device_failure(&self) -> bool {
+        matches!(
+            self,
+            Self::Io {
+                errno: Some(libc::EIO),
+                ..
+            }
+        )
+    }
+
     /// True for "no space left on device".
     pub fn is_disk_full(&self) -> bool {
         matches!(

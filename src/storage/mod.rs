@@ -17,6 +17,7 @@ mod space_queue;
 pub mod spare;
 pub mod state_log;
 pub mod superblock;
+pub mod sync_health;
 
 pub use error::StorageError;
 pub use fetched::{BatchBytes, FetchedData};
@@ -25,6 +26,7 @@ pub use prewrite::PrewriteConfig;
 pub use probes::FailureProbes;
 pub use shard_sync::ShardSync;
 pub use state_log::{SnapshotSource, StateLog};
+pub use sync_health::SyncHealth;
 
 /// What one durable flush syncs (see `storage::shard_sync`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

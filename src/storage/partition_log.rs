@@ -37,6 +37,7 @@ use super::segment::{self, sync_dir, Segment};
 use super::shard_sync::{ShardSync, WriteInFlight};
 use super::space_queue::SpaceQueue;
 use super::spare::{self, Spare};
+use super::sync_health::SyncHealth;
 use super::{Durability, StorageError};
 use crate::metrics::StorageMetrics;
 use crate::record::batch::{self, BatchHeader, HEADER_LEN};
@@ -86,6 +87,8 @@ pub struct LogConfig {
     pub shard_sync: Option<Rc<ShardSync>>,
     /// Fault injection for tests (empty in production).
     pub probes: Rc<FailureProbes>,
+    /// The shard's record of a failed sync: once set, every log of the shard is read-only.
+    pub sync_health: Rc<SyncHealth>,
     /// The shard's storage metrics.
     pub metrics: Rc<StorageMetrics>,
 }
@@ -107,6 +110,7 @@ impl Default for LogConfig {
             retention_ms: None,
             shard_sync: None,
             probes: Rc::new(FailureProbes::default()),
+            sync_health: Rc::new(SyncHealth::default()),
             metrics: Rc::new(StorageMetrics::default()),
         }
     }
@@ -421,6 +425,7 @@ impl PartitionLog {
                 if woken {
                     st.space_waiters.take_turn();
                 }
+                self.adopt_device_failure(&mut st);
                 if let Err(e) = check_writable(&st) {
                     if woken {
                         st.space_waiters.wake_next();
@@ -497,6 +502,7 @@ impl PartitionLog {
         loop {
             let roll = {
                 let mut st = self.state.borrow_mut();
+                self.adopt_device_failure(&mut st);
                 if st.pending.is_empty() || st.failed.is_some() {
                     st.flushing = false;
                     return;
@@ -591,6 +597,11 @@ impl PartitionLog {
                     }
                 }
                 Ok(()) => Ok(()),
+            };
+            // Another sync on the device failed meanwhile: this write may be gone with it.
+            let result = match (result, self.config.sync_health.failure()) {
+                (Ok(()), Some(why)) => Err((device_failed(&why), true)),
+                (result, _) => result,
             };
             match result {
                 Ok(()) => {
@@ -725,6 +736,11 @@ impl PartitionLog {
             st.prewriting = None;
             match result {
                 Ok(None) => {}
+                Err(e) if e.is_device_failure() => {
+                    drop(st);
+                    log.device_failed(&format!("zero-filling ahead in {}: {e}", log.dir.display()));
+                    st = log.state.borrow_mut();
+                }
                 Ok(Some(zeroed_to)) => {
                     let prewritten = &log.config.metrics.prewritten_bytes;
                     prewritten.set(prewritten.get() + (zeroed_to - start));
@@ -787,6 +803,13 @@ impl PartitionLog {
                         file,
                         prepared: bytes,
                     }
+                }
+                Err(e) if e.is_device_failure() => {
+                    log.device_failed(&format!(
+                        "making the next segment's file ready in {}: {e}",
+                        log.dir.display()
+                    ));
+                    Spare::Failed
                 }
                 Err(e) => {
                     tracing::warn!(
@@ -1061,6 +1084,9 @@ impl PartitionLog {
         st.pending.clear();
         st.pending_bytes = 0;
         if fatal {
+            self.config
+                .sync_health
+                .poison(&format!("{}: {error}", self.dir.display()));
             tracing::error!(
                 "FATAL storage error in {}: {error}; the partition is now read-only and the \
                  sync is not retried; restart the broker after checking the disk",
@@ -1077,6 +1103,24 @@ impl PartitionLog {
             let _ = tx.send(Err(error.clone()));
         }
         st.space_waiters.wake_next();
+    }
+
+    /// A sync failed on the device outside a flush (a zero-fill, a spare): the shard's logs
+    /// turn read-only, this one at once.
+    fn device_failed(&self, what: &str) {
+        self.config.sync_health.poison(what);
+        let mut st = self.state.borrow_mut();
+        self.adopt_device_failure(&mut st);
+    }
+
+    /// Turns this log read-only once a sync on the shard's device has failed (see
+    /// `storage::sync_health`).
+    fn adopt_device_failure(&self, st: &mut LogState) {
+        if st.failed.is_none() {
+            if let Some(why) = self.config.sync_health.failure() {
+                st.failed = Some(device_failed(&why).to_string());
+            }
+        }
     }
 
     /// Reads whole batches starting with the one that holds `offset`, about `max_bytes` of
@@ -1580,6 +1624,11 @@ impl Drop for PartitionLog {
         let open_logs = &self.config.metrics.open_logs;
         open_logs.set(open_logs.get().saturating_sub(1));
     }
+}
+
+/// The error of a log that turned read-only because a sync on its device failed.
+fn device_failed(why: &str) -> StorageError {
+    StorageError::ReadOnly(format!("a sync on this shard's data device failed: {why}"))
 }
 
 fn check_writable(st: &LogState) -> Result<(), StorageError> {
