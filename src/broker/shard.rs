@@ -131,10 +131,17 @@ impl Shard {
             }
             GroupCommit::Syncfs => {
                 let storage_metrics = Rc::clone(&metrics.storage);
-                Some(
-                    ShardSync::syncfs(&config.data_dir, storage_metrics)
-                        .map_err(|e| e.to_string())?,
-                )
+                let syncer = ShardSync::syncfs(&config.data_dir, storage_metrics)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if syncer.is_none() && id == 0 {
+                    tracing::warn!(
+                        "--group-commit syncfs: {} is not on ext4 or XFS, where a syncfs can \
+                         be followed by a known disk flush, so every flush fdatasyncs its own file",
+                        config.data_dir.display()
+                    );
+                }
+                syncer
             }
         };
         let shard = Rc::new(Self {

@@ -20,7 +20,10 @@
 //! - **syncfs** (`syncfs`, formerly `shard`): one `syncfs` of the data directory's
 //!   filesystem, which writes back and commits everything dirty there, so it serves every
 //!   flush. It also writes back whatever else is dirty on that filesystem (other programs'
-//!   files): it suits a disk given to corebus.
+//!   files): it suits a disk given to corebus. The `syncfs` is followed by the same disk
+//!   flush as above: XFS and btrfs issue no cache flush from a `syncfs` that finds nothing to
+//!   commit, which is what flushes that only overwrite prewritten blocks leave it. Only on
+//!   ext4 and XFS; elsewhere every flush syncs its own file.
 //!
 //! Either way, calls do not overlap, and a request waits for the next call to *start* after
 //! it (one in flight may have started before its write completed). Left at that, partitions
@@ -51,8 +54,10 @@ const XFS_MAGIC: i64 = 0x5846_5342;
 enum SyncCall {
     /// `fdatasync` of a file that never changes: a flush of the disk's cache.
     DiskFlush(DmaFile),
-    /// `syncfs` of the filesystem that holds this directory.
-    Syncfs(OwnedFd),
+    /// `syncfs` of the filesystem that holds this directory, then an `fdatasync` of a file
+    /// that never changes: on XFS (and btrfs) a `syncfs` with nothing to commit issues no
+    /// cache flush, and the overwrites of prewritten blocks commit nothing.
+    Syncfs { dir: OwnedFd, flush: DmaFile },
 }
 
 /// The shard's syncer. Cheap to share (`Rc`) among the shard's partition logs.
@@ -117,22 +122,25 @@ impl ShardSync {
         data_dir: &Path,
         metrics: Rc<StorageMetrics>,
     ) -> Result<Option<Rc<Self>>, StorageError> {
-        let magic = filesystem_magic(data_dir)?;
-        if magic != EXT4_MAGIC && magic != XFS_MAGIC {
+        let Some(file) = open_disk_flush(data_dir).await? else {
             return Ok(None);
-        }
-        let path = data_dir.join(superblock::FILE_NAME);
-        let file = DmaFile::open(&path).await.map_err(|e| {
-            StorageError::glommio(format!("opening {} to flush the disk", path.display()), e)
-        })?;
+        };
         Ok(Some(Self::new(SyncCall::DiskFlush(file), metrics)))
     }
 
-    /// A syncer that calls `syncfs` on the filesystem that holds `data_dir`.
-    pub fn syncfs(data_dir: &Path, metrics: Rc<StorageMetrics>) -> Result<Rc<Self>, StorageError> {
+    /// A syncer that calls `syncfs` on the filesystem that holds `data_dir` and then flushes
+    /// the disk's cache; `None` where that flush can not be made (not ext4 or XFS).
+    pub async fn syncfs(
+        data_dir: &Path,
+        metrics: Rc<StorageMetrics>,
+    ) -> Result<Option<Rc<Self>>, StorageError> {
+        let Some(flush) = open_disk_flush(data_dir).await? else {
+            return Ok(None);
+        };
         let dir = std::fs::File::open(data_dir)
             .map_err(|e| StorageError::io(format!("opening {}", data_dir.display()), &e))?;
-        Ok(Self::new(SyncCall::Syncfs(OwnedFd::from(dir)), metrics))
+        let dir = OwnedFd::from(dir);
+        Ok(Some(Self::new(SyncCall::Syncfs { dir, flush }, metrics)))
     }
 
     fn new(call: SyncCall, metrics: Rc<StorageMetrics>) -> Rc<Self> {
@@ -147,14 +155,14 @@ impl ShardSync {
     pub fn kind(&self) -> &'static str {
         match self.call {
             SyncCall::DiskFlush(_) => "disk flush",
-            SyncCall::Syncfs(_) => "syncfs",
+            SyncCall::Syncfs { .. } => "syncfs",
         }
     }
 
     /// Whether a call makes a flush durable: a `syncfs` always does; a disk flush only when
     /// the flush overwrote blocks whose allocation is already committed (`overwrite`).
     pub fn serves(&self, overwrite: bool) -> bool {
-        overwrite || matches!(self.call, SyncCall::Syncfs(_))
+        overwrite || matches!(self.call, SyncCall::Syncfs { .. })
     }
 
     /// Announces a write that will ask for a call when it ends: the calls that become due
@@ -215,11 +223,11 @@ impl ShardSync {
             calls.set(calls.get() + 1);
             let result = match &self.call {
                 SyncCall::DiskFlush(file) => file.fdatasync().await.map_err(|e| e.to_string()),
-                SyncCall::Syncfs(dir) => {
+                SyncCall::Syncfs { dir, flush } => {
                     let fd = dir.as_raw_fd();
                     // syncfs blocks; glommio runs it on its blocking-thread pool. The
                     // descriptor stays open: this task holds `self` until the call returns.
-                    glommio::executor()
+                    let synced = glommio::executor()
                         .spawn_blocking(move || {
                             // SAFETY: `fd` stays open while the task awaiting this holds `self`.
                             if unsafe { libc::syncfs(fd) } == 0 {
@@ -228,7 +236,11 @@ impl ShardSync {
                                 Err(std::io::Error::last_os_error().to_string())
                             }
                         })
-                        .await
+                        .await;
+                    match synced {
+                        Ok(()) => flush.fdatasync().await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    }
                 }
             };
             for tx in waiting {
@@ -258,6 +270,20 @@ impl ShardSync {
             let _ = rx.await;
         }
     }
+}
+
+/// The superblock opened for flushing the disk's cache with an `fdatasync`, on ext4 and XFS
+/// (see the module docs); `None` on other filesystems.
+async fn open_disk_flush(data_dir: &Path) -> Result<Option<DmaFile>, StorageError> {
+    let magic = filesystem_magic(data_dir)?;
+    if magic != EXT4_MAGIC && magic != XFS_MAGIC {
+        return Ok(None);
+    }
+    let path = data_dir.join(superblock::FILE_NAME);
+    let file = DmaFile::open(&path).await.map_err(|e| {
+        StorageError::glommio(format!("opening {} to flush the disk", path.display()), e)
+    })?;
+    Ok(Some(file))
 }
 
 /// `statfs`'s `f_type` of the filesystem that holds `dir`.
