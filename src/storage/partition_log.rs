@@ -282,6 +282,9 @@ pub struct PartitionLog {
     state: RefCell<LogState>,
     /// Serializes checkpoint writes (periodic, roll and close).
     checkpoint_lock: Semaphore,
+    /// The shard's syncer, when it covers this log's files (same device; see
+    /// `ShardSync::covers`); `None`: every flush syncs its own file.
+    shard_sync: Option<Rc<ShardSync>>,
 }
 
 impl PartitionLog {
@@ -307,6 +310,7 @@ impl PartitionLog {
             segments.push_back(seg);
         }
         let failed: Option<String> = None;
+        let shard_sync = config.shard_sync.clone().filter(|sync| sync.covers(dir));
         let active = segments
             .back()
             .ok_or_else(|| StorageError::Corrupt("no segment".into()))?;
@@ -368,6 +372,7 @@ impl PartitionLog {
                 bytes_out: 0,
             }),
             checkpoint_lock: Semaphore::new(1),
+            shard_sync,
         });
         let open_logs = &log.config.metrics.open_logs;
         open_logs.set(open_logs.get() + 1);
@@ -569,7 +574,7 @@ impl PartitionLog {
             metrics.flush_batches.observe(batches.len() as f64);
             // Only rewritten blocks whose allocation is committed: no metadata to sync.
             let overwrite = extent.is_overwrite(needed);
-            let shared_sync = match &self.config.shard_sync {
+            let shared_sync = match &self.shard_sync {
                 Some(shard)
                     if self.config.durability == Durability::Sync && shard.serves(overwrite) =>
                 {

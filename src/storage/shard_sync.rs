@@ -63,6 +63,8 @@ enum SyncCall {
 /// The shard's syncer. Cheap to share (`Rc`) among the shard's partition logs.
 pub struct ShardSync {
     call: SyncCall,
+    /// `st_dev` of the data directory: the device whose cache the call flushes.
+    device: u64,
     state: RefCell<SyncState>,
     /// The shard's storage metrics (counts the calls).
     metrics: Rc<StorageMetrics>,
@@ -122,10 +124,10 @@ impl ShardSync {
         data_dir: &Path,
         metrics: Rc<StorageMetrics>,
     ) -> Result<Option<Rc<Self>>, StorageError> {
-        let Some(file) = open_disk_flush(data_dir).await? else {
+        let Some((file, device)) = open_disk_flush(data_dir).await? else {
             return Ok(None);
         };
-        Ok(Some(Self::new(SyncCall::DiskFlush(file), metrics)))
+        Ok(Some(Self::new(SyncCall::DiskFlush(file), device, metrics)))
     }
 
     /// A syncer that calls `syncfs` on the filesystem that holds `data_dir` and then flushes
@@ -134,21 +136,46 @@ impl ShardSync {
         data_dir: &Path,
         metrics: Rc<StorageMetrics>,
     ) -> Result<Option<Rc<Self>>, StorageError> {
-        let Some(flush) = open_disk_flush(data_dir).await? else {
+        let Some((flush, device)) = open_disk_flush(data_dir).await? else {
             return Ok(None);
         };
         let dir = std::fs::File::open(data_dir)
             .map_err(|e| StorageError::io(format!("opening {}", data_dir.display()), &e))?;
         let dir = OwnedFd::from(dir);
-        Ok(Some(Self::new(SyncCall::Syncfs { dir, flush }, metrics)))
+        Ok(Some(Self::new(
+            SyncCall::Syncfs { dir, flush },
+            device,
+            metrics,
+        )))
     }
 
-    fn new(call: SyncCall, metrics: Rc<StorageMetrics>) -> Rc<Self> {
+    fn new(call: SyncCall, device: u64, metrics: Rc<StorageMetrics>) -> Rc<Self> {
         Rc::new(Self {
             call,
+            device,
             state: RefCell::new(SyncState::default()),
             metrics,
         })
+    }
+
+    /// Whether this syncer's call makes writes to files in `dir` durable: only when `dir` is
+    /// on the device it flushes (a partition directory mounted elsewhere, or a symlink to
+    /// another disk, is not), checked by `st_dev`. Logs it does not cover sync their own files.
+    pub fn covers(&self, dir: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(dir) {
+            Ok(m) if m.dev() == self.device => true,
+            Ok(_) => {
+                tracing::warn!(
+                    "{} is on another device than the data directory: its flushes sync their \
+                     own files instead of sharing the shard's {}",
+                    dir.display(),
+                    self.kind()
+                );
+                false
+            }
+            Err(_) => false,
+        }
     }
 
     /// `"disk flush"` or `"syncfs"`, for messages.
@@ -272,18 +299,51 @@ impl ShardSync {
     }
 }
 
-/// The superblock opened for flushing the disk's cache with an `fdatasync`, on ext4 and XFS
-/// (see the module docs); `None` on other filesystems.
-async fn open_disk_flush(data_dir: &Path) -> Result<Option<DmaFile>, StorageError> {
+/// The superblock opened for flushing the disk's cache with an `fdatasync`, with the data
+/// directory's device, on ext4 and XFS (see the module docs); `None` on other filesystems and
+/// on ext4 mounted `data=journal`, which turns O_DIRECT writes into buffered ones that only
+/// their own file's `fdatasync` makes durable.
+async fn open_disk_flush(data_dir: &Path) -> Result<Option<(DmaFile, u64)>, StorageError> {
+    use std::os::unix::fs::MetadataExt;
     let magic = filesystem_magic(data_dir)?;
     if magic != EXT4_MAGIC && magic != XFS_MAGIC {
         return Ok(None);
     }
+    if mount_options(data_dir).is_some_and(|o| o.split(',').any(|o| o == "data=journal")) {
+        tracing::warn!(
+            "{} is on ext4 mounted data=journal: direct I/O is buffered there, so every flush \
+             syncs its own file",
+            data_dir.display()
+        );
+        return Ok(None);
+    }
+    let device = std::fs::metadata(data_dir)
+        .map_err(|e| StorageError::io(format!("stat of {}", data_dir.display()), &e))?
+        .dev();
     let path = data_dir.join(superblock::FILE_NAME);
     let file = DmaFile::open(&path).await.map_err(|e| {
         StorageError::glommio(format!("opening {} to flush the disk", path.display()), e)
     })?;
-    Ok(Some(file))
+    Ok(Some((file, device)))
+}
+
+/// The filesystem options (mountinfo's super options) of the mount that holds `dir`.
+fn mount_options(dir: &Path) -> Option<String> {
+    let dir = std::fs::canonicalize(dir).ok()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    // Fields: id parent major:minor root mount-point options [optional...] - type source super.
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let point = fields.get(4)?;
+            let after = fields.iter().position(|f| *f == "-")?;
+            let options = fields.get(after + 3)?;
+            dir.starts_with(point)
+                .then(|| (point.len(), options.to_string()))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, options)| options)
 }
 
 /// `statfs`'s `f_type` of the filesystem that holds `dir`.
@@ -301,4 +361,18 @@ fn filesystem_magic(dir: &Path) -> Result<i64, StorageError> {
         ));
     }
     Ok(fs.f_type as i64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mount_options_of_a_directory_are_found() {
+        let options = mount_options(Path::new("/")).expect("the root mount");
+        assert!(
+            options.split(',').any(|o| o == "rw" || o == "ro"),
+            "{options}"
+        );
+    }
 }
