@@ -58,13 +58,17 @@ fn decode(bytes: &[u8]) -> Option<(String, u64)> {
 
 /// The committed offsets of one partition.
 pub struct GroupOffsets {
-    offsets: RefCell<BTreeMap<String, u64>>,
+    /// Every commit as appended, durable or not yet: what a compaction snapshot must hold.
+    appended: RefCell<BTreeMap<String, u64>>,
+    /// Commits that are durable, with the state-log sequence number that made them so: what
+    /// readers see (a crash can not take back an offset a reader was shown).
+    durable: RefCell<BTreeMap<String, (u64, u64)>>,
     store: Rc<StateLog>,
 }
 
 impl SnapshotSource for GroupOffsets {
     fn snapshot(&self) -> Vec<Vec<u8>> {
-        self.offsets
+        self.appended
             .borrow()
             .iter()
             .map(|(g, &o)| encode(g, o))
@@ -92,8 +96,10 @@ impl GroupOffsets {
                 BTreeMap::new(),
             ),
         };
+        let durable = offsets.iter().map(|(g, &o)| (g.clone(), (o, 0))).collect();
         let this = Rc::new(Self {
-            offsets: RefCell::new(offsets),
+            appended: RefCell::new(offsets),
+            durable: RefCell::new(durable),
             store: Rc::clone(&store),
         });
         let weak: Weak<dyn SnapshotSource> =
@@ -102,16 +108,33 @@ impl GroupOffsets {
         Ok(this)
     }
 
-    /// The group's committed offset.
+    /// The group's committed offset, once durable.
     pub fn get(&self, group: &str) -> Option<u64> {
-        self.offsets.borrow().get(group).copied()
+        self.durable.borrow().get(group).map(|&(offset, _)| offset)
     }
 
-    /// Commits `offset` for `group`; returns once it is durable.
+    /// Whether a commit for `group` fits within `max_groups` groups (it already has an
+    /// offset, or there is room for one more).
+    pub fn admits(&self, group: &str, max_groups: usize) -> bool {
+        let appended = self.appended.borrow();
+        appended.contains_key(group) || appended.len() < max_groups
+    }
+
+    /// Commits `offset` for `group`; returns once it is durable, and only then do readers see
+    /// it. Of two commits of one group, the later one wins whatever order they finish in.
     pub async fn commit(&self, group: &str, offset: u64) -> Result<(), StorageError> {
-        self.offsets.borrow_mut().insert(group.to_string(), offset);
+        self.appended.borrow_mut().insert(group.to_string(), offset);
         let seq = self.store.append(&encode(group, offset));
-        self.store.durable(seq).await
+        self.store.durable(seq).await?;
+        let mut durable = self.durable.borrow_mut();
+        match durable.get_mut(group) {
+            Some(known) if known.1 > seq => {}
+            Some(known) => *known = (offset, seq),
+            None => {
+                durable.insert(group.to_string(), (offset, seq));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -843,3 +843,49 @@ fn consumer_group_resumes_from_committed_offsets() {
     );
     assert_eq!(ok_stdout(&other).lines().count(), 300);
 }
+
+/// Issue 16, finding 9: the consumer groups a partition holds offsets for are bounded
+/// (`--max-groups-per-partition`), so a client can not grow the broker's memory with group
+/// names; groups already there go on committing, and what is refused is never seen.
+#[test]
+fn consumer_groups_per_partition_are_bounded() {
+    let broker = Broker::start("groups-bound", 1, &["--max-groups-per-partition", "3"]);
+    ok_stdout(&broker.cli(&["topic", "create", "g", "--partitions", "1"], ""));
+    let outcomes = with_client(broker.addr(), |client| {
+        Box::pin(async move {
+            let mut outcomes = Vec::new();
+            for (group, offset) in [("a", 1), ("b", 2), ("c", 3), ("d", 4), ("a", 5)] {
+                let result = client
+                    .commit_offsets(group, "g", &[(0, offset)])
+                    .await
+                    .expect("commit request");
+                outcomes.push(result[0].1.clone().map_err(|e| (e.code, e.message)));
+            }
+            let mut fetched = Vec::new();
+            for group in ["a", "b", "c", "d"] {
+                let result = client
+                    .fetch_offsets(group, "g", &[0])
+                    .await
+                    .expect("fetch request");
+                fetched.push(result[0].1.clone().expect("fetch"));
+            }
+            (outcomes, fetched)
+        })
+    })
+    .join()
+    .expect("client thread");
+    let (commits, fetched) = outcomes;
+    assert!(commits[..3].iter().all(Result::is_ok), "{commits:?}");
+    match &commits[3] {
+        Err((code, message)) => {
+            assert_eq!(*code, corebus::protocol::wire::ErrorCode::InvalidArgument);
+            assert!(message.contains("--max-groups-per-partition"), "{message}");
+        }
+        Ok(()) => panic!("a fourth group must be refused"),
+    }
+    assert!(
+        commits[4].is_ok(),
+        "a known group commits again: {commits:?}"
+    );
+    assert_eq!(fetched, vec![Some(5), Some(2), Some(3), None]);
+}

@@ -96,6 +96,9 @@ pub struct BrokerConfig {
     /// A subscription stops locking new events of a partition while this many are unsettled
     /// there (bounds its memory).
     pub max_unsettled_per_partition: usize,
+    /// Consumer groups with committed offsets one partition may hold; a commit of a new
+    /// group beyond it is refused (the offsets are kept in memory).
+    pub max_groups_per_partition: usize,
     /// How often each shard looks for expired locks, ended delays and dead letters.
     pub subscription_sweep_ms: u64,
 }
@@ -144,6 +147,7 @@ impl BrokerConfig {
             max_receive_bytes: 4 << 20,
             max_settle_tokens: 10_000,
             max_unsettled_per_partition: 100_000,
+            max_groups_per_partition: 10_000,
             subscription_sweep_ms: 50,
         }
     }
@@ -257,6 +261,10 @@ impl BrokerConfig {
             (
                 "--max-subscriptions-per-topic",
                 self.max_subscriptions_per_topic as u64,
+            ),
+            (
+                "--max-groups-per-partition",
+                self.max_groups_per_partition as u64,
             ),
             (
                 "--max-unsettled-per-partition",

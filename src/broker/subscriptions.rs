@@ -1102,6 +1102,16 @@ impl Shard {
             let result = async {
                 self.check_partition(topic, partition)?;
                 let groups = self.group_offsets(topic, partition).await?;
+                let max = self.config.max_groups_per_partition;
+                if !groups.admits(group, max) {
+                    return Err(ApiError::new(
+                        ErrorCode::InvalidArgument,
+                        format!(
+                            "{topic}/{partition} already has offsets of {max} consumer groups \
+                             (--max-groups-per-partition)"
+                        ),
+                    ));
+                }
                 groups.commit(group, offset).await.map_err(storage_to_api)
             }
             .await;

@@ -134,6 +134,9 @@ pub struct ServeArgs {
     /// A subscription locks no new events of a partition while this many are unsettled there [default: 100000].
     #[arg(long)]
     max_unsettled_per_partition: Option<usize>,
+    /// Consumer groups with committed offsets one partition may hold [default: 10000].
+    #[arg(long)]
+    max_groups_per_partition: Option<usize>,
 }
 
 impl ServeArgs {
@@ -183,6 +186,7 @@ impl ServeArgs {
         set!(subscription_sweep_interval => subscription_sweep_ms);
         set!(max_subscriptions_per_topic => max_subscriptions_per_topic);
         set!(max_unsettled_per_partition => max_unsettled_per_partition);
+        set!(max_groups_per_partition => max_groups_per_partition);
         if self.metrics_listen.is_some() {
             config.metrics_listen = self.metrics_listen;
         }

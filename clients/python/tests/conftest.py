@@ -149,9 +149,9 @@ class Broker:
         self.proc = None
 
 
-@pytest.fixture(scope="session")
-def broker() -> Iterator[Broker]:
-    """One broker with 2 shards for the whole session; tests use their own topics."""
+def start_broker(*extra: str) -> Iterator[Broker]:
+    """Starts a broker with 2 shards and the extra ``corebus serve`` arguments ``extra``,
+    yields it, then stops it and removes its data directory (for fixtures)."""
     binary = broker_binary()
     if not binary.is_file():
         pytest.fail(f"no broker binary at {binary}: build it (cargo build --release) or set "
@@ -162,13 +162,19 @@ def broker() -> Iterator[Broker]:
     if fstype in ("tmpfs", "ramfs"):
         pytest.fail(f"{root} is on {fstype}; the broker needs O_DIRECT: set COREBUS_TEST_DIR "
                     "to a directory on ext4 or xfs")
-    b = Broker(root)
+    b = Broker(root, extra=extra)
     try:
         yield b
     finally:
         b.stop()
         if not os.environ.get("COREBUS_KEEP_TEST_DIR"):
             shutil.rmtree(b.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[Broker]:
+    """One broker with 2 shards for the whole session; tests use their own topics."""
+    yield from start_broker()
 
 
 @pytest.fixture
