@@ -180,6 +180,51 @@ fn a_bad_checksum_in_acknowledged_data_is_kept_reported_and_skipped() {
     .expect("executor");
 }
 
+/// Issue 16, finding 2: the checkpoint's durable end lags the acknowledgements by up to a
+/// checkpoint interval. A damaged batch after it, followed by valid batches with continuing
+/// offsets, was acknowledged (a later batch could only be written after its flush synced):
+/// it is reported as corruption, and neither it nor what follows is cut, so no offset that
+/// may have been acknowledged is handed out again.
+#[test]
+fn damage_past_the_checkpoint_followed_by_valid_batches_is_corruption_not_a_torn_tail() {
+    corebus::runtime::block_on(None, async {
+        prime_direct_io().await;
+        let dir = common::fresh_dir("scan-lagging-checkpoint");
+        let ends = write_log(&dir, 40).await;
+        let path = dir.join(SEGMENT);
+        let mut bytes = std::fs::read(&path).expect("segment");
+        bytes[ends[36] as usize + 80] ^= 0x20;
+        std::fs::write(&path, &bytes).expect("write");
+        // The last checkpoint was written before batches 35.. were acknowledged.
+        let mut c = Checkpoint::load(&dir).expect("checkpoint");
+        c.clean = false;
+        c.durable_end = ends[34];
+        c.next_offset = 35 * 3;
+        c.save(&dir).expect("save");
+
+        let log = PartitionLog::open(&dir, config()).await.expect("opens");
+        assert_eq!(log.high_watermark(), 120, "nothing acknowledged is cut");
+        assert_eq!(log.stats().corrupt_ranges, 1);
+        let err = log
+            .fetch(111, 1 << 20, Duration::ZERO)
+            .await
+            .expect_err("corrupt");
+        assert!(err.to_string().contains("111..=113"), "{err}");
+        let after = log
+            .fetch(114, 1 << 20, Duration::ZERO)
+            .await
+            .expect("after");
+        let served: u32 = BatchIter::new(&after.batches.contiguous())
+            .map(|b| b.expect("ok").header().record_count())
+            .sum();
+        assert_eq!(served, 6, "the two batches after the damage are served");
+        let ticket = log.append(&[batch(120, 3)], 3).await.expect("append");
+        assert_eq!(ticket.durable().await.expect("durable"), (120, 122));
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .expect("executor");
+}
+
 /// Regression (found by the `segment_recovery` fuzz target): damaged bytes in acknowledged
 /// data that hold no offset, i.e. the next valid batch is the one the scan expects. Recovery
 /// used to report the range `expected..=next - 1`: an overflow panic for offset 0 (debug

@@ -1,8 +1,10 @@
 //! Recovery scanning: walk a segment's batches from a known-good point, checking every
 //! header, CRC and offset, and decide what an invalid batch means.
 //!
-//! - Past the checkpoint's `durable_end` nothing was acknowledged: the first invalid batch is
-//!   a torn tail, cut off by the caller.
+//! - Past the checkpoint's `durable_end` (written once a checkpoint interval) the first
+//!   invalid batch is a torn tail, cut off by the caller, when nothing valid with continuing
+//!   offsets follows it. When something does, the invalid batch was acknowledged after the
+//!   checkpoint was written (a flush writes only after the one before it synced): corruption.
 //! - Before it the bytes were acknowledged: an invalid batch there is corruption. It is never
 //!   cut; its offsets are recorded as a corrupt range (refused to readers, reported loudly)
 //!   and the scan resumes at the next valid batch.
@@ -127,7 +129,14 @@ pub async fn scan_segment(
                 at += blen;
                 continue;
             }
-            if abs >= durable_end {
+            // Past the durable point an invalid batch is a torn tail, unless valid batches with
+            // continuing offsets follow it: a flush writes only after the one before it synced,
+            // so the bad batch was acknowledged (after the last checkpoint was written).
+            if abs >= durable_end
+                && resync(seg, abs + 1, expected, limit, config)
+                    .await?
+                    .is_none()
+            {
                 let why = if !is_plausible {
                     "a batch header that is not valid"
                 } else if header.is_some_and(|h| h.base_offset() != expected) {
