@@ -275,3 +275,68 @@ fn connection_floods_and_slow_senders_do_not_starve_other_clients() {
     let values = ok_stdout(&broker.cli(&["consume", "f", "--idle-timeout", "500ms"], ""));
     assert_eq!(values, "during-flood\n");
 }
+
+/// Issue 16, finding 9: replies count against a connection's byte budget until they are
+/// written, so clients that pipeline large fetches and read nothing hold at most their budget
+/// of the broker's memory (before: 16 such clients took one shard from 98 MiB to 12.7 GB), and
+/// everyone else is still served meanwhile.
+#[test]
+fn clients_that_pipeline_fetches_and_read_nothing_hold_bounded_memory() {
+    const CONNECTIONS: usize = 8;
+    const FETCHES: u64 = 64;
+    let broker = Broker::start(
+        "unread-fetches",
+        1,
+        &[
+            "--cache-bytes-per-partition",
+            "0",
+            "--max-buffered-bytes-per-connection",
+            "32MiB",
+        ],
+    );
+    ok_stdout(&broker.cli(&["topic", "create", "big", "--partitions", "1"], ""));
+    // 24 MB on disk, read afresh by every fetch (no cache).
+    let line = format!("{}\n", "d".repeat(100_000));
+    ok_stdout(&broker.cli(&["publish", "big"], &line.repeat(240)));
+    let before_kib = broker.rss_kib();
+
+    let mut hostile = Vec::new();
+    for c in 0..CONNECTIONS {
+        let s = connect(&broker.addr());
+        let mut frames = Vec::new();
+        for i in 0..FETCHES {
+            let id = (c as u64) * 1000 + i + 1;
+            frames.extend_from_slice(requests::fetch(id, "big", 0, 0, 8 << 20, 0).as_bytes());
+        }
+        // The broker stops reading once the budget is reached: write from a thread.
+        let writer = s.try_clone().expect("clone");
+        std::thread::spawn(move || {
+            let mut writer = writer;
+            let _ = writer.write_all(&frames);
+        });
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        hostile.push(s);
+    }
+    // Give the broker every chance to grow: poll RSS while the fetches are taken in.
+    let mut peak_kib = 0;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        peak_kib = peak_kib.max(broker.rss_kib());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Meanwhile a well-behaved client is served.
+    let mut other = connect(&broker.addr());
+    let reply = raw_round_trip(&mut other, &list_topics_frame(1)[4..]).expect("reply");
+    let response = parse_response(&reply).expect("valid");
+    assert!(ApiError::from_wire(response.error()).is_none());
+    peak_kib = peak_kib.max(broker.rss_kib());
+    let grown_mib = peak_kib.saturating_sub(before_kib) / 1024;
+    // Budget: 8 connections x 32 MiB, plus socket buffers and one batch over per reply.
+    assert!(
+        grown_mib < 8 * 32 + 200,
+        "RSS grew by {grown_mib} MiB with {CONNECTIONS} connections of unread fetches"
+    );
+    drop(hostile);
+    assert!(broker.rss_kib() > 0, "the broker is still up");
+}

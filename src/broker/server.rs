@@ -7,7 +7,10 @@
 //! - `max_frame_bytes`: checked on the length prefix, before anything is allocated for it.
 //! - `max_inflight_per_connection` and `max_buffered_bytes_per_connection`: when a connection
 //!   has that many requests or bytes in flight, the broker stops reading from it until one
-//!   finishes (back-pressure through TCP instead of buffering).
+//!   finishes (back-pressure through TCP instead of buffering). A request is in flight from
+//!   its arrival until its reply is written to the socket, and its bytes are its frame plus
+//!   the most its reply may hold (a fetch's `max_bytes`, a receive's byte cap): a client that
+//!   pipelines fetches and reads no replies holds at most that budget of the broker's memory.
 //! - `frame_timeout_ms`: a frame must arrive whole within it (slow senders are cut off), and a
 //!   reply must be taken by the client within it (clients that stop reading are cut off).
 //! - `idle_timeout_ms`: a connection with nothing in flight and nothing received is closed.
@@ -22,13 +25,14 @@ use std::time::{Duration, Instant};
 use futures_lite::AsyncWriteExt;
 use glommio::channels::local_channel::{self, LocalReceiver};
 use glommio::net::{TcpListener, TcpStream};
-use glommio::sync::Semaphore;
+use glommio::sync::{Semaphore, StaticPermit};
 
+use super::config::BrokerConfig;
 use super::handlers;
 use super::shard::Shard;
 use crate::protocol::frame::{FrameError, FrameReader, FrameWriter, OutFrame};
-use crate::protocol::message::{error_response, ApiError};
-use crate::protocol::wire::ErrorCode;
+use crate::protocol::message::{error_response, parse_request, peek_envelope, ApiError};
+use crate::protocol::wire::{ErrorCode, RequestBody};
 
 /// Binds this shard's two listeners: the shared public port and its own port.
 pub fn bind(shard: &Shard) -> Result<Vec<TcpListener>, String> {
@@ -151,13 +155,12 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     let write_half = unsafe { TcpStream::from_raw_fd(write_fd) };
     let _ = write_half.set_write_timeout(Some(frame_deadline));
     let inflight = config.max_inflight_per_connection;
-    let (replies, outbox) = local_channel::new_bounded::<OutFrame>(inflight);
+    let (replies, outbox) = local_channel::new_bounded::<Outgoing>(inflight);
     let replies = Rc::new(replies);
     let writer = glommio::spawn_local(write_loop(write_half, outbox));
     let requests = Rc::new(Semaphore::new(inflight as u64));
-    let bytes = Rc::new(Semaphore::new(
-        config.max_buffered_bytes_per_connection as u64,
-    ));
+    let budget = config.max_buffered_bytes_per_connection as u64;
+    let bytes = Rc::new(Semaphore::new(budget));
     let mut reader = FrameReader::new(stream, config.max_frame_bytes);
     reader.set_frame_deadline(frame_deadline);
     let mut last_frame = Instant::now();
@@ -181,7 +184,7 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
             Err(FrameError::Io(_)) => break,
             Err(e @ FrameError::TooLarge { .. }) => {
                 let err = ApiError::new(ErrorCode::TooLarge, e.to_string());
-                let _ = replies.send(error_response(0, &err)).await;
+                let _ = replies.send((error_response(0, &err), None)).await;
                 break;
             }
         };
@@ -189,7 +192,8 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
         let Ok(request_permit) = requests.acquire_static_permit(1).await else {
             break;
         };
-        let Ok(byte_permit) = bytes.acquire_static_permit(frame.len() as u64).await else {
+        let reserve = (frame.len() as u64 + reply_bound(&frame, config)).min(budget);
+        let Ok(byte_permit) = bytes.acquire_static_permit(reserve).await else {
             break;
         };
         let shard = Rc::clone(&shard);
@@ -197,8 +201,10 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
         glommio::spawn_local(async move {
             let _request = shard.track_request();
             let reply = handlers::dispatch(&shard, frame).await;
-            let _ = replies.send(reply).await;
-            drop((request_permit, byte_permit));
+            // The permits travel with the reply: released once it is written (or dropped).
+            let _ = replies
+                .send((reply, Some((request_permit, byte_permit))))
+                .await;
         })
         .detach();
     }
@@ -206,12 +212,38 @@ async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     let _ = writer.await;
 }
 
-/// Writes replies as they come; ends when every sender is gone or the peer stops reading
-/// (then the socket is shut down, which also ends the reader).
-async fn write_loop(stream: TcpStream, outbox: LocalReceiver<OutFrame>) {
+/// A reply on its way to the socket, with the connection's request and byte permits that its
+/// request took (none for a connection-level error).
+type Outgoing = (OutFrame, Option<(StaticPermit, StaticPermit)>);
+
+/// The most a reply to `frame` may hold beyond a small envelope: a fetch's `max_bytes` (capped
+/// by `--max-fetch-bytes`), a receive's byte cap; 0 for every other request (their replies are
+/// small) and for frames that fail verification. A fetch reply may exceed it by the one whole
+/// batch it always returns.
+fn reply_bound(frame: &[u8], config: &BrokerConfig) -> u64 {
+    const FETCH: u8 = RequestBody::FetchRequest.0;
+    const RECEIVE: u8 = RequestBody::ReceiveRequest.0;
+    match peek_envelope(frame).map(|p| p.body_type) {
+        Some(FETCH) => parse_request(frame)
+            .ok()
+            .and_then(|r| r.body_as_fetch_request())
+            .map_or(0, |f| {
+                (f.max_bytes() as u64).clamp(1, config.max_fetch_bytes as u64)
+            }),
+        Some(RECEIVE) => config.max_receive_bytes as u64,
+        _ => 0,
+    }
+}
+
+/// Writes replies as they come, releasing each one's permits once it is written; ends when
+/// every sender is gone or the peer stops reading (then the socket is shut down, which also
+/// ends the reader).
+async fn write_loop(stream: TcpStream, outbox: LocalReceiver<Outgoing>) {
     let mut writer = FrameWriter::new(stream);
-    while let Some(frame) = outbox.recv().await {
-        if writer.write_frame(&frame).await.is_err() {
+    while let Some((frame, permits)) = outbox.recv().await {
+        let written = writer.write_frame(&frame).await;
+        drop(permits);
+        if written.is_err() {
             let _ = writer.get_mut().shutdown(Shutdown::Both).await;
             return;
         }
