@@ -245,6 +245,10 @@ async fn write_loop(stream: TcpStream, outbox: LocalReceiver<Outgoing>) {
         drop(permits);
         if written.is_err() {
             let _ = writer.get_mut().shutdown(Shutdown::Both).await;
+            // Replies still queued hold permits the reader may be waiting for: dropping them
+            // lets it run on into the closed socket and end, and the requests still running
+            // find their replies dropped as they come.
+            while outbox.recv().await.is_some() {}
             return;
         }
     }

@@ -939,16 +939,8 @@ impl Shard {
                 break;
             }
             let round = self.dead_letter(&sp, items).await;
-            if let Err(e) = sp.durable(round.seq).await {
-                tracing::warn!(
-                    "{}/{} subscription {}: recording dead letters failed: {e}",
-                    sp.topic,
-                    sp.partition,
-                    sp.name
-                );
-                break;
-            }
-            if let Some((e, rest)) = round.unfinished {
+            // What was not appended goes back first, whatever the wait below brings.
+            let failed = round.unfinished.map(|(e, rest)| {
                 tracing::warn!(
                     "{}/{} subscription {}: dead-lettering {} events failed ({e}); retrying",
                     sp.topic,
@@ -958,6 +950,17 @@ impl Shard {
                 );
                 sp.requeue_dead_letters(rest);
                 sp.dead_letter_retry_ms.set(now_ms() + DEAD_LETTER_RETRY_MS);
+            });
+            if let Err(e) = sp.durable(round.seq).await {
+                tracing::warn!(
+                    "{}/{} subscription {}: recording dead letters failed: {e}",
+                    sp.topic,
+                    sp.partition,
+                    sp.name
+                );
+                break;
+            }
+            if failed.is_some() {
                 break;
             }
         }

@@ -508,6 +508,13 @@ impl PartitionLog {
             let roll = {
                 let mut st = self.state.borrow_mut();
                 self.adopt_device_failure(&mut st);
+                if let Some(why) = st.failed.clone().filter(|_| !st.pending.is_empty()) {
+                    // Turned read-only (a sync failed elsewhere on the device) with appends
+                    // waiting: they are refused, not left waiting.
+                    drop(st);
+                    self.fail_flush(StorageError::ReadOnly(why), false);
+                    continue;
+                }
                 if st.pending.is_empty() || st.failed.is_some() {
                     st.flushing = false;
                     return;
@@ -800,7 +807,7 @@ impl PartitionLog {
             let metrics = &log.config.metrics;
             let in_flight = &metrics.prewrites_in_flight;
             in_flight.set(in_flight.get().saturating_sub(1));
-            log.state.borrow_mut().spare = match result {
+            let spare = match result {
                 Ok(file) => {
                     let prewritten = &metrics.prewritten_bytes;
                     prewritten.set(prewritten.get() + bytes);
@@ -824,6 +831,7 @@ impl PartitionLog {
                     Spare::Failed
                 }
             };
+            log.state.borrow_mut().spare = spare;
         })
         .detach();
     }
@@ -1004,6 +1012,9 @@ impl PartitionLog {
                     Err((file, e)) => {
                         tracing::warn!("{e}; creating the segment's file instead");
                         let _ = file.close().await;
+                        // The rename may have happened: start from no file of that name.
+                        let _ =
+                            std::fs::remove_file(self.dir.join(segment::file_name(base, "log")));
                         Segment::create(&self.dir, base, first).await
                     }
                 }
@@ -1573,6 +1584,7 @@ impl PartitionLog {
             let _ = tx.send(());
         }
         self.prewrite_finished().await;
+        self.adopt_device_failure(&mut self.state.borrow_mut());
         if self.state.borrow().failed.is_some() {
             return; // no clean marker for a log that failed: recovery must scan it
         }

@@ -2,9 +2,10 @@
 //! header, CRC and offset, and decide what an invalid batch means.
 //!
 //! - Past the checkpoint's `durable_end` (written once a checkpoint interval) the first
-//!   invalid batch is a torn tail, cut off by the caller, when nothing valid with continuing
-//!   offsets follows it. When something does, the invalid batch was acknowledged after the
-//!   checkpoint was written (a flush writes only after the one before it synced): corruption.
+//!   invalid batch is a torn tail, cut off by the caller, unless (with `--durability sync`)
+//!   its header is intact and the batch right after it is valid and continues its offsets:
+//!   then it was acknowledged after the checkpoint was written (a flush writes only after the
+//!   one before it synced), and it is corruption.
 //! - Before it the bytes were acknowledged: an invalid batch there is corruption. It is never
 //!   cut; its offsets are recorded as a corrupt range (refused to readers, reported loudly)
 //!   and the scan resumes at the next valid batch.
@@ -12,7 +13,7 @@
 use super::dma;
 use super::partition_log::LogConfig;
 use super::segment::Segment;
-use super::StorageError;
+use super::{Durability, StorageError};
 use crate::record::batch::{self, BatchHeader, HEADER_LEN};
 
 /// Offsets whose stored bytes failed their checksum.
@@ -129,14 +130,21 @@ pub async fn scan_segment(
                 at += blen;
                 continue;
             }
-            // Past the durable point an invalid batch is a torn tail, unless valid batches with
-            // continuing offsets follow it: a flush writes only after the one before it synced,
-            // so the bad batch was acknowledged (after the last checkpoint was written).
-            if abs >= durable_end
-                && resync(seg, abs + 1, expected, limit, config)
-                    .await?
-                    .is_none()
-            {
+            // Past the durable point an invalid batch is a torn tail, unless it is damaged
+            // inside an intact header and the batch right after it is valid and continues
+            // its offsets: with `--durability sync` a flush writes only after the one before
+            // it synced, so the bad batch was most likely acknowledged after the last
+            // checkpoint was written. (Both could also be the torn write of one flush: then
+            // a never-acknowledged batch is refused as corrupt, which loses nothing.)
+            let intact = header.filter(|h| is_plausible && h.base_offset() == expected);
+            let acknowledged = match intact {
+                Some(h) if abs >= durable_end && config.durability == Durability::Sync => {
+                    let next = abs + blen as u64;
+                    valid_batch_at(seg, next, h.last_offset() + 1, limit, config).await?
+                }
+                _ => false,
+            };
+            if abs >= durable_end && !acknowledged {
                 let why = if !is_plausible {
                     "a batch header that is not valid"
                 } else if header.is_some_and(|h| h.base_offset() != expected) {
@@ -210,6 +218,29 @@ fn report(seg: &Segment, pos: u64, first: u64, last: u64, corrupt: &mut Vec<Corr
         pos,
         segment_base: seg.base_offset,
     });
+}
+
+/// Whether a valid batch with base offset `base` starts at `pos`.
+async fn valid_batch_at(
+    seg: &Segment,
+    pos: u64,
+    base: u64,
+    limit: u64,
+    config: &LogConfig,
+) -> Result<bool, StorageError> {
+    if pos + HEADER_LEN as u64 > limit {
+        return Ok(false);
+    }
+    let head = dma::read_range(&seg.file, pos, HEADER_LEN, config.max_io_bytes).await?;
+    let Ok(h) = BatchHeader::parse(&head) else {
+        return Ok(false);
+    };
+    if !plausible(&h, pos, limit) || h.base_offset() != base {
+        return Ok(false);
+    }
+    let bytes =
+        dma::read_range(&seg.file, pos, h.batch_len() as usize, config.max_io_bytes).await?;
+    Ok(batch::crc_matches(&bytes))
 }
 
 /// Finds the next valid batch at or after `from` whose base offset is at least `expected`.
