@@ -347,3 +347,58 @@ fn doctor_fails_clearly_on_tmpfs_and_on_a_low_memlock_limit() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("RLIMIT_MEMLOCK"));
 }
+
+/// Issue 16, finding 9: the metrics endpoint bounds its connections and gives a request head
+/// one deadline in all, so a client that trickles bytes can not hold a connection open.
+#[test]
+fn the_metrics_endpoint_bounds_slow_and_idle_clients() {
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let broker = Broker::start("metrics-hostile", 1, &["--metrics-listen", &metrics_addr]);
+    // A trickle: one byte a second never finishes the head; closed within the 5 s deadline.
+    let mut slow = std::net::TcpStream::connect(&metrics_addr).expect("connect");
+    let started = std::time::Instant::now();
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(15) {
+            break false;
+        }
+        if slow.write_all(b"G").is_err() {
+            break true;
+        }
+        slow.set_read_timeout(Some(Duration::from_secs(1)))
+            .expect("timeout");
+        match slow.read(&mut [0u8; 64]) {
+            Ok(0) => break true,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            _ => {}
+        }
+    };
+    assert!(closed, "a trickling client is cut off");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // Idle connections past the limit are closed at once; a scrape then still works once
+    // the idle ones time out.
+    let idle: Vec<_> = (0..80)
+        .map(|_| std::net::TcpStream::connect(&metrics_addr).expect("connect"))
+        .collect();
+    let mut last = std::net::TcpStream::connect(&metrics_addr).expect("connect");
+    last.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    match last.read(&mut [0u8; 64]) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("a connection past the limit must be closed at once, got {other:?}"),
+    }
+    drop(idle);
+    let try_scrape = || -> Option<String> {
+        let mut s = std::net::TcpStream::connect(&metrics_addr).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            .ok()?;
+        let mut response = String::new();
+        s.read_to_string(&mut response).ok()?;
+        Some(response)
+    };
+    wait_until("a scrape answered", Duration::from_secs(15), || {
+        try_scrape().is_some_and(|r| r.starts_with("HTTP/1.1 200") && r.contains("corebus_"))
+    });
+    drop(broker);
+}
