@@ -48,6 +48,33 @@ struct DeadLetterRound {
     unfinished: Option<(ApiError, Vec<DeadLetter>)>,
 }
 
+impl DeadLetterRound {
+    /// Folds in one append of the events `items[k]`, `k` in `in_batch`: its sequence number,
+    /// or its error with those events and `later` left unfinished. True if it succeeded.
+    fn record(
+        &mut self,
+        sent: Result<u64, ApiError>,
+        in_batch: &[usize],
+        later: &[DeadLetter],
+        items: &[DeadLetter],
+    ) -> bool {
+        match sent {
+            Ok(seq) => {
+                self.seq = seq;
+                true
+            }
+            Err(e) => {
+                let rest = in_batch
+                    .iter()
+                    .map(|&k| items[k])
+                    .chain(later.iter().copied());
+                self.unfinished = Some((e, rest.collect()));
+                false
+            }
+        }
+    }
+}
+
 /// The outcome of settling one token: the lock's new end for a renew.
 pub type SettleOutcome = Result<Option<i64>, ApiError>;
 
@@ -870,16 +897,8 @@ impl Shard {
                 let sent = self
                     .append_dead_letters(sp, &dl_topic, partition, &mut batch, &in_batch, &items)
                     .await;
-                match sent {
-                    Ok(seq) => round.seq = seq,
-                    Err(e) => {
-                        let rest = in_batch
-                            .iter()
-                            .map(|&k| items[k])
-                            .chain(items[i..].to_vec());
-                        round.unfinished = Some((e, rest.collect()));
-                        return round;
-                    }
+                if !round.record(sent, &in_batch, &items[i..], &items) {
+                    return round;
                 }
                 in_batch.clear();
             }
@@ -890,12 +909,7 @@ impl Shard {
             let sent = self
                 .append_dead_letters(sp, &dl_topic, partition, &mut batch, &in_batch, &items)
                 .await;
-            match sent {
-                Ok(seq) => round.seq = seq,
-                Err(e) => {
-                    round.unfinished = Some((e, in_batch.iter().map(|&k| items[k]).collect()))
-                }
-            }
+            round.record(sent, &in_batch, &[], &items);
         }
         round
     }
