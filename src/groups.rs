@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 
-use crate::storage::{Durability, SnapshotSource, StateLog, StorageError};
+use crate::storage::{disk_trace, Durability, SnapshotSource, StateLog, StorageError};
 
 /// Longest consumer-group name accepted, in bytes.
 pub const MAX_GROUP_NAME_BYTES: usize = 255;
@@ -126,6 +126,16 @@ impl GroupOffsets {
         self.appended.borrow_mut().insert(group.to_string(), offset);
         let seq = self.store.append(&encode(group, offset));
         self.store.durable(seq).await?;
+        disk_trace::instant(|| disk_trace::Op::Note {
+            text: format!(
+                "group {} {group} {offset}",
+                self.store
+                    .path()
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .display()
+            ),
+        });
         let mut durable = self.durable.borrow_mut();
         match durable.get_mut(group) {
             Some(known) if known.1 > seq => {}

@@ -511,7 +511,7 @@ impl Shard {
         }
         if let TopicChange::Deleted { name } = &change {
             let dir = self.config.data_dir.join("topics").join(name);
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = crate::storage::disk_trace::remove_dir_all(&dir);
         }
         Ok(())
     }
@@ -552,7 +552,7 @@ impl Shard {
                 };
                 for log in owned {
                     log.close().await;
-                    let _ = std::fs::remove_dir_all(log.dir());
+                    let _ = crate::storage::disk_trace::remove_dir_all(log.dir());
                 }
             }
             TopicChange::SubscriptionCreated {
@@ -682,7 +682,7 @@ fn remove_unknown_topic_dirs(config: &BrokerConfig, topics: &TopicMap) {
         let name = entry.file_name().to_string_lossy().into_owned();
         if !topics.contains_key(&name) {
             tracing::info!("removing data of deleted topic '{name}'");
-            let _ = std::fs::remove_dir_all(entry.path());
+            let _ = crate::storage::disk_trace::remove_dir_all(&entry.path());
         }
     }
 }

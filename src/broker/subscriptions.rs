@@ -31,6 +31,7 @@ use crate::groups::GroupOffsets;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
 use crate::record::{BatchBuilder, RecordIter, RecordWriter, HEADER_LEN};
+use crate::storage::disk_trace;
 use crate::subscription::partition::{PartitionLimits, SettleAction, Settled};
 use crate::subscription::{
     headers, DeadLetter, Delivered, LockToken, SubscriptionConfig, SubscriptionPartition,
@@ -741,7 +742,9 @@ impl Shard {
         tokens: Vec<(usize, LockToken)>,
     ) -> Vec<(usize, SettleOutcome)> {
         let mut results = Vec::with_capacity(tokens.len());
-        let mut recorded: Vec<(usize, Rc<SubscriptionPartition>, u64, Option<i64>)> = Vec::new();
+        // (token index, partition, state-log sequence, new lock end, event offset)
+        type Recorded = (usize, Rc<SubscriptionPartition>, u64, Option<i64>, u64);
+        let mut recorded: Vec<Recorded> = Vec::new();
         type Rejected = (Rc<SubscriptionPartition>, Vec<(usize, DeadLetter)>);
         let mut rejected: BTreeMap<u32, Rejected> = BTreeMap::new();
         for (i, token) in tokens {
@@ -753,7 +756,7 @@ impl Shard {
                 Ok(Settled::Recorded {
                     seq,
                     locked_until_ms,
-                }) => recorded.push((i, sp, seq, locked_until_ms)),
+                }) => recorded.push((i, sp, seq, locked_until_ms, token.offset)),
                 Ok(Settled::DeadLetter(dl)) => rejected
                     .entry(token.partition)
                     .or_insert_with(|| (Rc::clone(&sp), Vec::new()))
@@ -770,7 +773,7 @@ impl Shard {
         }
         // One wait per partition, for its highest record.
         let mut highest: BTreeMap<u32, (Rc<SubscriptionPartition>, u64)> = BTreeMap::new();
-        for (_, sp, seq, _) in &recorded {
+        for (_, sp, seq, _, _) in &recorded {
             let entry = highest
                 .entry(sp.partition)
                 .or_insert_with(|| (Rc::clone(sp), *seq));
@@ -784,11 +787,16 @@ impl Shard {
             .into_iter()
             .map(|(p, r)| (p, r.map_err(storage_to_api)))
             .collect();
-        for (i, sp, _, until) in recorded {
+        for (i, sp, _, until, offset) in recorded {
             let outcome = match durable.get(&sp.partition) {
                 Some(Err(e)) => Err(e.clone()),
                 _ => Ok(until),
             };
+            if outcome.is_ok() && action == SettleAction::Ack {
+                disk_trace::instant(|| disk_trace::Op::Note {
+                    text: format!("settled {topic} {name} {} {offset}", sp.partition),
+                });
+            }
             results.push((i, outcome));
         }
         for (_, (sp, items)) in rejected {

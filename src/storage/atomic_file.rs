@@ -6,7 +6,10 @@
 //! from glommio's blocking pool, or before the shards start.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+use super::disk_trace::{self, Op, WriteData};
 
 /// The temporary file a replacement of `path` writes first.
 pub fn temp_path(path: &Path) -> PathBuf {
@@ -19,16 +22,31 @@ pub fn temp_path(path: &Path) -> PathBuf {
 pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = temp_path(path);
     let mut file = std::fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
+    let fd = file.as_raw_fd();
+    disk_trace::instant(|| Op::Open {
+        fd,
+        path: disk_trace::path_string(&tmp),
+        create: true,
+        truncate: true,
+    });
+    disk_trace::traced(
+        || Op::Write {
+            fd,
+            offset: 0,
+            direct: false,
+            data: WriteData::of(bytes),
+        },
+        || file.write_all(bytes),
+    )?;
+    disk_trace::traced(|| Op::Sync { fd }, || file.sync_all())?;
     drop(file);
-    std::fs::rename(&tmp, path)?;
+    disk_trace::rename(&tmp, path)?;
     sync_dir(path.parent().unwrap_or(Path::new(".")))
 }
 
 /// `fsync` of a directory: makes the names created, renamed or removed in it durable.
 pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
-    std::fs::File::open(dir).and_then(|d| d.sync_all())
+    disk_trace::sync_dir(dir)
 }
 
 #[cfg(test)]

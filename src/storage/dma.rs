@@ -6,11 +6,13 @@
 //!   `max_io_bytes` (4 MiB by default, or the device's limit if smaller).
 //! - A device's first DmaFile must not be empty (see `superblock`).
 
+use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures::future::try_join_all;
 use glommio::io::{DmaBuffer, DmaFile, OpenOptions};
 
+use super::disk_trace::{self, Op, WriteData};
 use super::StorageError;
 
 /// Alignment for O_DIRECT positions and sizes. 4 KiB covers every disk we support.
@@ -28,13 +30,73 @@ pub fn align_up(v: u64) -> u64 {
 
 /// Opens (creating if needed) a file for direct-I/O reads and writes.
 pub async fn open_rw(path: &Path) -> Result<DmaFile, StorageError> {
-    OpenOptions::new()
+    let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .dma_open(path)
         .await
-        .map_err(|e| StorageError::glommio(format!("opening {}", path.display()), e))
+        .map_err(|e| StorageError::glommio(format!("opening {}", path.display()), e))?;
+    traced_open(&file, path, true);
+    Ok(file)
+}
+
+/// Records (in the disk trace) that `file` was opened at `path` for writing or syncing.
+pub fn traced_open(file: &impl AsRawFd, path: &Path, create: bool) {
+    disk_trace::instant(|| Op::Open {
+        fd: file.as_raw_fd(),
+        path: disk_trace::path_string(path),
+        create,
+        truncate: false,
+    });
+}
+
+/// `fdatasync` of `file`.
+pub async fn fdatasync(file: &DmaFile) -> Result<(), glommio::GlommioError<()>> {
+    let pending = disk_trace::begin(|| Op::Sync {
+        fd: file.as_raw_fd(),
+    });
+    let result = file.fdatasync().await;
+    disk_trace::end(pending, result.is_ok());
+    result
+}
+
+/// Allocates `file` up to `size` bytes (its size grows to `size` if smaller).
+pub async fn pre_allocate(file: &DmaFile, size: u64) -> Result<(), glommio::GlommioError<()>> {
+    let pending = disk_trace::begin(|| Op::Allocate {
+        fd: file.as_raw_fd(),
+        size,
+    });
+    let result = file.pre_allocate(size, false).await;
+    disk_trace::end(pending, result.is_ok());
+    result
+}
+
+/// Punches a hole of `len` bytes at `offset` (reads as zeros; the size does not change).
+pub async fn deallocate(
+    file: &DmaFile,
+    offset: u64,
+    len: u64,
+) -> Result<(), glommio::GlommioError<()>> {
+    let pending = disk_trace::begin(|| Op::Punch {
+        fd: file.as_raw_fd(),
+        offset,
+        len,
+    });
+    let result = file.deallocate(offset, len).await;
+    disk_trace::end(pending, result.is_ok());
+    result
+}
+
+/// Cuts `file` to `len` bytes.
+pub async fn truncate(file: &DmaFile, len: u64) -> Result<(), glommio::GlommioError<()>> {
+    let pending = disk_trace::begin(|| Op::Truncate {
+        fd: file.as_raw_fd(),
+        len,
+    });
+    let result = file.truncate(len).await;
+    disk_trace::end(pending, result.is_ok());
+    result
 }
 
 /// Reads `len` bytes at `pos` (any alignment) into a new vector, in pieces of at most
@@ -160,8 +222,16 @@ pub async fn write_buffers(
     for buf in buffers {
         let len = buf.len();
         let chunk_pos = at;
+        let pending = disk_trace::begin(|| Op::Write {
+            fd: file.as_raw_fd(),
+            offset: chunk_pos,
+            direct: true,
+            data: WriteData::of(buf.as_bytes()),
+        });
         writes.push(async move {
-            let written = file.write_at(buf, chunk_pos).await.map_err(|e| {
+            let written = file.write_at(buf, chunk_pos).await;
+            disk_trace::end(pending, matches!(written, Ok(n) if n == len));
+            let written = written.map_err(|e| {
                 StorageError::glommio(format!("writing {len} bytes at {chunk_pos}"), e)
             })?;
             if written != len {

@@ -3,11 +3,13 @@
 
 pub mod atomic_file;
 pub mod checkpoint;
+pub mod disk_trace;
 pub mod dma;
 pub mod error;
 pub mod extent;
 pub mod fetched;
 pub mod partition_log;
+pub mod power_loss;
 pub mod prewrite;
 pub mod probes;
 pub mod scan;

@@ -28,6 +28,7 @@ use glommio::io::DmaFile;
 use glommio::sync::Semaphore;
 
 use super::checkpoint::Checkpoint;
+use super::disk_trace::{self, Op};
 use super::dma::{self, align_down, align_up, ChunkFiller, ALIGN};
 use super::fetched::{BatchBytes, FetchedData};
 use super::prewrite::{self, PrewriteConfig};
@@ -292,7 +293,7 @@ impl PartitionLog {
     /// rebuilt, the active segment is scanned from its last index entry (not at all after a
     /// clean shutdown), a torn tail is cut off and corruption in acknowledged data reported.
     pub async fn open(dir: &Path, config: Rc<LogConfig>) -> Result<Rc<Self>, StorageError> {
-        std::fs::create_dir_all(dir)
+        disk_trace::create_dir_all_durable(dir)
             .map_err(|e| StorageError::io(format!("creating {}", dir.display()), &e))?;
         spare::remove_leftover(dir);
         let mut bases = segment::list(dir)?;
@@ -580,7 +581,8 @@ impl PartitionLog {
             metrics.flush_bytes.observe(bytes as f64);
             metrics.flush_batches.observe(batches.len() as f64);
             // Only rewritten blocks whose allocation is committed: no metadata to sync.
-            let overwrite = extent.is_overwrite(needed);
+            let overwrite =
+                extent.is_overwrite(needed) || self.config.probes.skips(ProbePoint::OverwriteCheck);
             let shared_sync = match &self.shard_sync {
                 Some(shard)
                     if self.config.durability == Durability::Sync && shard.serves(overwrite) =>
@@ -863,11 +865,12 @@ impl PartitionLog {
                     .set(metrics.shard_synced_flushes.get() + 1);
                 write.synced().await.map(|()| SyncedBy::Shard)
             }
+            None if self.config.probes.skips(ProbePoint::Fdatasync) => Ok(SyncedBy::OwnFile),
             None => {
                 metrics
                     .file_synced_flushes
                     .set(metrics.file_synced_flushes.get() + 1);
-                file.fdatasync()
+                dma::fdatasync(file)
                     .await
                     .map(|()| SyncedBy::OwnFile)
                     .map_err(|e| StorageError::glommio(context(), e))
@@ -904,7 +907,7 @@ impl PartitionLog {
                 .max(allocated + step)
                 .min(self.config.segment_bytes.max(needed)),
         );
-        file.pre_allocate(target, false).await.map_err(|e| {
+        dma::pre_allocate(file, target).await.map_err(|e| {
             StorageError::glommio(
                 format!(
                     "preallocating {target} bytes of {}",
@@ -972,7 +975,7 @@ impl PartitionLog {
             );
         }
         // Only space is lost if this fails: recovery reads a sealed segment up to its zeros.
-        let _ = sealed_file.truncate(sealed_end).await;
+        let _ = dma::truncate(&sealed_file, sealed_end).await;
         {
             let mut st = self.state.borrow_mut();
             if let Some(old) = st.segments.back_mut() {
@@ -1013,8 +1016,9 @@ impl PartitionLog {
                         tracing::warn!("{e}; creating the segment's file instead");
                         let _ = file.close().await;
                         // The rename may have happened: start from no file of that name.
-                        let _ =
-                            std::fs::remove_file(self.dir.join(segment::file_name(base, "log")));
+                        let _ = disk_trace::remove_file(
+                            &self.dir.join(segment::file_name(base, "log")),
+                        );
                         Segment::create(&self.dir, base, first).await
                     }
                 }
@@ -1025,6 +1029,8 @@ impl PartitionLog {
 
     /// Makes a finished flush visible: acknowledges, indexes and caches its batches.
     fn complete_flush(&self, batches: Vec<StoredBatch>, new_end: u64, new_tail: Vec<u8>) {
+        let acked = batches.first().zip(batches.last());
+        let acked = acked.map(|(first, last)| (first.base_offset, last.last_offset));
         let mut st = self.state.borrow_mut();
         let interval = self.config.index_interval_bytes;
         let now = crate::broker::shard::now_ms();
@@ -1077,6 +1083,13 @@ impl PartitionLog {
             if let Some(old) = st.cache.pop_front() {
                 st.cache_bytes -= old.len();
             }
+        }
+        if let Some((first, last)) = acked {
+            disk_trace::instant(|| Op::Acked {
+                dir: disk_trace::path_string(&self.dir),
+                first,
+                last,
+            });
         }
         let hw = st.high_watermark;
         while st.ack_waiters.front().is_some_and(|(last, _)| *last < hw) {
@@ -1553,7 +1566,7 @@ impl PartitionLog {
             let _ = glommio::executor()
                 .spawn_blocking(move || {
                     for p in paths {
-                        let _ = std::fs::remove_file(p);
+                        let _ = disk_trace::remove_file(&p);
                     }
                 })
                 .await;
@@ -1599,7 +1612,7 @@ impl PartitionLog {
                 .back()
                 .map(|s| Rc::clone(&s.file));
             if let Some(file) = file {
-                if let Err(e) = file.fdatasync().await {
+                if let Err(e) = dma::fdatasync(&file).await {
                     tracing::error!(
                         "fdatasync of {} at shutdown failed: {e}; no clean-shutdown marker",
                         self.dir.display()
@@ -1819,19 +1832,16 @@ async fn cut_tail(seg: &mut Segment, config: &LogConfig) -> Result<(), StorageEr
     filler.write_at(start).await?;
     let hole = align_up(end).max(start + ALIGN);
     if seg.extent.allocated() > hole {
-        seg.file
-            .deallocate(hole, seg.extent.allocated() - hole)
+        dma::deallocate(&seg.file, hole, seg.extent.allocated() - hole)
             .await
             .map_err(|e| {
                 StorageError::glommio(format!("punching the torn tail of {}", path.display()), e)
             })?;
-        seg.file
-            .pre_allocate(seg.extent.allocated(), false)
+        dma::pre_allocate(&seg.file, seg.extent.allocated())
             .await
             .map_err(|e| StorageError::glommio(format!("preallocating {}", path.display()), e))?;
     }
-    seg.file
-        .fdatasync()
+    dma::fdatasync(&seg.file)
         .await
         .map_err(|e| StorageError::glommio(format!("fdatasync of {}", path.display()), e))?;
     seg.truncate_index(end);

@@ -110,7 +110,7 @@ pub async fn zero_fill_until(
         at += n as u64;
     }
     if at > start {
-        file.fdatasync().await.map_err(|e| {
+        dma::fdatasync(file).await.map_err(|e| {
             StorageError::glommio(format!("fdatasync after zero-filling {start}..{at}"), e)
         })?;
     }

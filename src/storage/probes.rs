@@ -5,6 +5,12 @@
 //! `POINT:ERROR:after=N` (fail the (N+1)-th and every later call) or `POINT:ERROR:once=N`
 //! (fail only the (N+1)-th call). POINT is `write`, `fdatasync` or `next-segment` (making the
 //! next segment's file in a roll); ERROR is `eio`, `enospc` or `emfile`.
+//!
+//! ERROR `skip` breaks the broker on purpose instead, to show that the power-loss simulator
+//! (`storage::power_loss`) catches what it should: `fdatasync:skip` acknowledges flushes
+//! without their own file's `fdatasync`; `overwrite-check:skip` treats every flush as an
+//! overwrite of committed blocks, so that it shares the shard's disk flush even when its
+//! blocks' allocation is not committed (the shared-flush precondition broken).
 //! Unarmed probes cost one branch.
 
 use std::cell::Cell;
@@ -18,6 +24,8 @@ pub enum ProbePoint {
     Fdatasync,
     /// Making the next segment's file in a roll (adopting the spare or creating one).
     NextSegment,
+    /// Deciding whether a flush only overwrites committed blocks (only `skip` applies).
+    OverwriteCheck,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -35,6 +43,7 @@ pub struct FailureProbes {
     writes: Cell<u64>,
     syncs: Cell<u64>,
     next_segments: Cell<u64>,
+    skipped: Cell<u64>,
 }
 
 impl FailureProbes {
@@ -52,12 +61,14 @@ impl FailureProbes {
                 "write" => ProbePoint::Write,
                 "fdatasync" => ProbePoint::Fdatasync,
                 "next-segment" => ProbePoint::NextSegment,
+                "overwrite-check" => ProbePoint::OverwriteCheck,
                 other => return Err(format!("failure probe '{item}': unknown point '{other}'")),
             };
             let errno = match *error {
                 "eio" => libc::EIO,
                 "enospc" => libc::ENOSPC,
                 "emfile" => libc::EMFILE,
+                "skip" => SKIP,
                 other => return Err(format!("failure probe '{item}': unknown error '{other}'")),
             };
             let (repeat, n) = if let Some(n) = when.strip_prefix("after=") {
@@ -107,13 +118,13 @@ impl FailureProbes {
             ProbePoint::Write => &self.writes,
             ProbePoint::Fdatasync => &self.syncs,
             ProbePoint::NextSegment => &self.next_segments,
+            ProbePoint::OverwriteCheck => return None,
         };
         let n = counter.get();
         counter.set(n + 1);
-        let fire = self
-            .armed
-            .iter()
-            .find(|a| a.point == point && (n == a.skip || (a.repeat && n > a.skip)))?;
+        let fire = self.armed.iter().find(|a| {
+            a.point == point && a.errno != SKIP && (n == a.skip || (a.repeat && n > a.skip))
+        })?;
         tracing::warn!(
             "failure probe {point:?} fired on call {} (injected errno {})",
             n + 1,
@@ -121,7 +132,22 @@ impl FailureProbes {
         );
         Some(std::io::Error::from_raw_os_error(fire.errno))
     }
+
+    /// True when a `skip` probe at `point` says to leave the step out (see the module docs).
+    pub fn skips(&self, point: ProbePoint) -> bool {
+        if self.armed.is_empty() {
+            return false;
+        }
+        let n = self.skipped.get();
+        self.skipped.set(n + 1);
+        self.armed.iter().any(|a| {
+            a.point == point && a.errno == SKIP && (n == a.skip || (a.repeat && n > a.skip))
+        })
+    }
 }
+
+/// The `errno` field of a `skip` arming.
+const SKIP: i32 = 0;
 
 #[cfg(test)]
 mod tests {

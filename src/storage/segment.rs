@@ -7,11 +7,13 @@
 //! far (ms), u32 offset - base`.
 
 use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use glommio::io::DmaFile;
 
+use super::disk_trace::{self, Op, WriteData};
 use super::extent::Extent;
 use super::{dma, StorageError};
 
@@ -90,19 +92,19 @@ impl Segment {
         let path = dir.join(file_name(base_offset, "log"));
         let file = dma::open_rw(&path).await?;
         let bytes = dma::align_up(bytes.max(dma::ALIGN));
-        if let Err(e) = file.pre_allocate(bytes, false).await {
+        if let Err(e) = dma::pre_allocate(&file, bytes).await {
             let err = StorageError::glommio(
                 format!("preallocating {bytes} bytes for {}", path.display()),
                 e,
             );
             let _ = file.close().await;
-            let _ = std::fs::remove_file(&path);
+            let _ = disk_trace::remove_file(&path);
             return Err(err);
         }
         if let Err(e) = sync_dir(dir).await {
             // Not a segment: a stray file here would claim offsets the active one still holds.
             let _ = file.close().await;
-            let _ = std::fs::remove_file(&path);
+            let _ = disk_trace::remove_file(&path);
             return Err(e);
         }
         Ok(Self::new(dir, base_offset, file, bytes))
@@ -122,7 +124,7 @@ impl Segment {
         let (from_owned, to_owned, dir_owned) = (from.clone(), to.clone(), dir.to_path_buf());
         let renamed = glommio::executor()
             .spawn_blocking(move || {
-                std::fs::rename(&from_owned, &to_owned)?;
+                disk_trace::rename(&from_owned, &to_owned)?;
                 sync_dir_blocking(&dir_owned)
             })
             .await;
@@ -246,8 +248,8 @@ impl Segment {
         if self.index.len() != before {
             self.index_on_disk = 0;
             self.time_index_on_disk = 0;
-            let _ = std::fs::remove_file(self.path("index"));
-            let _ = std::fs::remove_file(self.path("timeindex"));
+            let _ = disk_trace::remove_file(&self.path("index"));
+            let _ = disk_trace::remove_file(&self.path("timeindex"));
         }
     }
 
@@ -321,9 +323,20 @@ impl IndexAppend {
                 .create(true)
                 .append(true)
                 .open(path)?;
-            f.write_all(bytes)?;
+            dma::traced_open(&f, path, true);
+            let at = f.metadata()?.len();
+            let fd = f.as_raw_fd();
+            disk_trace::traced(
+                || Op::Write {
+                    fd,
+                    offset: at,
+                    direct: false,
+                    data: WriteData::of(bytes),
+                },
+                || f.write_all(bytes),
+            )?;
             if sync {
-                f.sync_data()?;
+                disk_trace::traced(|| Op::Sync { fd }, || f.sync_data())?;
             }
         }
         Ok(())

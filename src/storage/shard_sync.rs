@@ -42,7 +42,7 @@ use std::rc::Rc;
 use futures::channel::oneshot;
 use glommio::io::DmaFile;
 
-use super::{superblock, StorageError};
+use super::{disk_trace, dma, superblock, StorageError};
 use crate::metrics::StorageMetrics;
 
 /// Filesystem magic numbers (`statfs`'s `f_type`) of the filesystems on which an `fdatasync`
@@ -249,11 +249,12 @@ impl ShardSync {
             let calls = &self.metrics.shard_syncs;
             calls.set(calls.get() + 1);
             let result = match &self.call {
-                SyncCall::DiskFlush(file) => file.fdatasync().await.map_err(|e| e.to_string()),
+                SyncCall::DiskFlush(file) => dma::fdatasync(file).await.map_err(|e| e.to_string()),
                 SyncCall::Syncfs { dir, flush } => {
                     let fd = dir.as_raw_fd();
                     // syncfs blocks; glommio runs it on its blocking-thread pool. The
                     // descriptor stays open: this task holds `self` until the call returns.
+                    let pending = disk_trace::begin(|| disk_trace::Op::SyncFs);
                     let synced = glommio::executor()
                         .spawn_blocking(move || {
                             // SAFETY: `fd` stays open while the task awaiting this holds `self`.
@@ -264,8 +265,9 @@ impl ShardSync {
                             }
                         })
                         .await;
+                    disk_trace::end(pending, synced.is_ok());
                     match synced {
-                        Ok(()) => flush.fdatasync().await.map_err(|e| e.to_string()),
+                        Ok(()) => dma::fdatasync(flush).await.map_err(|e| e.to_string()),
                         Err(e) => Err(e),
                     }
                 }
@@ -324,6 +326,7 @@ async fn open_disk_flush(data_dir: &Path) -> Result<Option<(DmaFile, u64)>, Stor
     let file = DmaFile::open(&path).await.map_err(|e| {
         StorageError::glommio(format!("opening {} to flush the disk", path.display()), e)
     })?;
+    dma::traced_open(&file, &path, false);
     Ok(Some((file, device)))
 }
 

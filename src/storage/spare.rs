@@ -16,7 +16,7 @@ use std::path::Path;
 
 use glommio::io::DmaFile;
 
-use super::{dma, prewrite, StorageError};
+use super::{disk_trace, dma, prewrite, StorageError};
 
 /// The spare's file name in a partition's directory (never parsed as a segment's).
 pub const SPARE_FILE: &str = "next-segment.spare";
@@ -67,7 +67,7 @@ pub async fn prepare(dir: &Path, bytes: u64) -> Result<DmaFile, StorageError> {
     let path = dir.join(SPARE_FILE);
     let file = dma::open_rw(&path).await?;
     let filled = async {
-        file.pre_allocate(bytes, false).await.map_err(|e| {
+        dma::pre_allocate(&file, bytes).await.map_err(|e| {
             StorageError::glommio(
                 format!("preallocating {bytes} bytes for {}", path.display()),
                 e,
@@ -79,7 +79,7 @@ pub async fn prepare(dir: &Path, bytes: u64) -> Result<DmaFile, StorageError> {
         Ok(()) => Ok(file),
         Err(e) => {
             let _ = file.close().await;
-            let _ = std::fs::remove_file(&path);
+            let _ = disk_trace::remove_file(&path);
             Err(e)
         }
     }
@@ -87,7 +87,7 @@ pub async fn prepare(dir: &Path, bytes: u64) -> Result<DmaFile, StorageError> {
 
 /// Removes a spare an earlier run left in `dir`, if any.
 pub fn remove_leftover(dir: &Path) {
-    let _ = std::fs::remove_file(dir.join(SPARE_FILE));
+    let _ = disk_trace::remove_file(&dir.join(SPARE_FILE));
 }
 
 #[cfg(test)]

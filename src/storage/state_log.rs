@@ -25,13 +25,15 @@ use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::fs::OpenOptions;
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 
 use futures::channel::oneshot;
 use glommio::io::BufferedFile;
 
-use super::{Durability, StorageError};
+use super::disk_trace::{self, Op, WriteData};
+use super::{dma, Durability, StorageError};
 
 /// Longest record accepted when reading back (a longer length prefix is a torn tail).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
@@ -125,12 +127,13 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StorageError> {
 
 /// Opens `path` for io_uring writes.
 async fn open_for_append(path: &Path) -> Result<Rc<BufferedFile>, StorageError> {
-    glommio::io::OpenOptions::new()
+    let file = glommio::io::OpenOptions::new()
         .write(true)
         .buffered_open(path)
         .await
-        .map(Rc::new)
-        .map_err(|e| StorageError::glommio(format!("opening {}", path.display()), e))
+        .map_err(|e| StorageError::glommio(format!("opening {}", path.display()), e))?;
+    dma::traced_open(&file, path, false);
+    Ok(Rc::new(file))
 }
 
 impl StateLog {
@@ -149,7 +152,7 @@ impl StateLog {
         glommio::executor()
             .spawn_blocking(move || {
                 if let Some(dir) = owned.parent() {
-                    std::fs::create_dir_all(dir)
+                    disk_trace::create_dir_all_durable(dir)
                         .map_err(io_err(format!("creating {}", dir.display())))?;
                 }
                 write_atomic(&owned, &bytes)
@@ -186,9 +189,18 @@ impl StateLog {
                         bytes.len() - valid,
                         records.len()
                     );
-                    file.set_len(valid as u64)
-                        .map_err(io_err(context.clone()))?;
-                    file.sync_all().map_err(io_err(context))?;
+                    dma::traced_open(&file, &owned, false);
+                    let fd = file.as_raw_fd();
+                    disk_trace::traced(
+                        || Op::Truncate {
+                            fd,
+                            len: valid as u64,
+                        },
+                        || file.set_len(valid as u64),
+                    )
+                    .map_err(io_err(context.clone()))?;
+                    disk_trace::traced(|| Op::Sync { fd }, || file.sync_all())
+                        .map_err(io_err(context))?;
                 }
                 Ok(Some((records, valid as u64)))
             })
@@ -305,7 +317,7 @@ impl StateLog {
         // under the same name after a power cut could come back as the old one.
         let removed = glommio::executor()
             .spawn_blocking(move || {
-                std::fs::remove_file(&path)?;
+                disk_trace::remove_file(&path)?;
                 super::atomic_file::sync_dir(path.parent().unwrap_or(Path::new(".")))
             })
             .await;
@@ -360,10 +372,15 @@ impl StateLog {
     ) -> Result<(), StorageError> {
         let context = || format!("appending to {}", self.path.display());
         while !bytes.is_empty() {
-            let n = file
-                .write_at(bytes.clone(), at)
-                .await
-                .map_err(|e| StorageError::glommio(context(), e))?;
+            let pending = disk_trace::begin(|| Op::Write {
+                fd: file.as_raw_fd(),
+                offset: at,
+                direct: false,
+                data: WriteData::of(&bytes),
+            });
+            let n = file.write_at(bytes.clone(), at).await;
+            disk_trace::end(pending, matches!(n, Ok(n) if n == bytes.len()));
+            let n = n.map_err(|e| StorageError::glommio(context(), e))?;
             if n == 0 {
                 return Err(StorageError::Io {
                     context: context(),
@@ -375,7 +392,12 @@ impl StateLog {
             at += n as u64;
         }
         if self.durability == Durability::Sync {
-            file.fdatasync().await.map_err(|e| {
+            let pending = disk_trace::begin(|| Op::Sync {
+                fd: file.as_raw_fd(),
+            });
+            let synced = file.fdatasync().await;
+            disk_trace::end(pending, synced.is_ok());
+            synced.map_err(|e| {
                 StorageError::glommio(format!("syncing {}", self.path.display()), e)
             })?;
         }
