@@ -161,6 +161,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "Connections closed at accept because of a limit.",
     ),
     (
+        "corebus_offline_at_start",
+        "gauge",
+        "Partitions and subscription states that failed to open at start and are offline until a restart (the log says why).",
+    ),
+    (
         "corebus_requests_in_flight",
         "gauge",
         "Client requests being handled.",

@@ -181,8 +181,14 @@ async fn read_everything(client: Client, partitions: u32) -> Result<Served, Stri
         .list_topics()
         .await
         .map_err(|e| format!("list topics: {e}"))?;
-    if !topics.iter().any(|(name, _)| name == TOPIC) {
-        return Ok(served); // cut before the topic was durable: checked against the acks
+    match topics.iter().find(|(name, _)| name == TOPIC) {
+        None => return Ok(served), // cut before the topic was durable: checked against the acks
+        Some((_, count)) if *count != partitions => {
+            return Err(format!(
+                "the topic has {count} partitions, not {partitions}"
+            ));
+        }
+        Some(_) => {}
     }
     for p in 0..partitions {
         let mut offset = 0;
@@ -225,7 +231,11 @@ async fn read_everything(client: Client, partitions: u32) -> Result<Served, Stri
         .await
         .map_err(|e| format!("fetch offsets: {e}"))?
     {
-        served.group[p as usize] = r.map_err(|e| format!("group offset of {p}: {e}"))?;
+        let slot = served
+            .group
+            .get_mut(p as usize)
+            .ok_or_else(|| format!("fetch offsets answered partition {p}"))?;
+        *slot = r.map_err(|e| format!("group offset of {p}: {e}"))?;
     }
     let mut delivered = BTreeSet::new();
     loop {
@@ -277,28 +287,19 @@ fn partition_dir(data: &Path, p: u32) -> String {
 }
 
 /// Offsets below which retention may have removed acknowledged records by event `cut`:
-/// per partition, the base of the segment after the newest one whose file was removed.
+/// per partition, the newest log start a retention pass announced before it (the pass
+/// checkpoints that start before it unlinks, and recovery finishes what it began).
 fn retention_floor(history: &History, data: &Path, partitions: u32, cut: usize) -> Vec<u64> {
-    (0..partitions)
-        .map(|p| {
-            let dir = partition_dir(data, p);
-            let bases = |paths: Vec<String>| -> BTreeSet<u64> {
-                paths
-                    .iter()
-                    .filter_map(|path| path.strip_prefix(&format!("{dir}/")))
-                    .filter_map(|name| name.strip_suffix(".log"))
-                    .filter_map(|b| b.parse().ok())
-                    .collect()
-            };
-            let named = bases(history.named_paths());
-            let removed = bases(history.removed_before(cut));
-            removed
-                .iter()
-                .filter_map(|b| named.range(b + 1..).next().copied())
-                .max()
-                .unwrap_or(0)
-        })
-        .collect()
+    let mut floors = vec![0; partitions as usize];
+    for (_, note) in history.notes().iter().filter(|(at, _)| *at < cut) {
+        if let ["retention", dir, start] = note.split(' ').collect::<Vec<_>>().as_slice() {
+            if let Some(p) = (0..partitions).find(|&p| partition_dir(data, p) == *dir) {
+                let start = start.parse().unwrap_or(0);
+                floors[p as usize] = floors[p as usize].max(start);
+            }
+        }
+    }
+    floors
 }
 
 /// Checks what a broker restarted on the image of `cut` serves; returns what is wrong.
@@ -487,6 +488,7 @@ fn simulate(setup: &Setup) -> Vec<String> {
         cuts.insert(cut);
     }
     let mut problems = Vec::new();
+    let mut kept_an_image = false;
     for cut in cuts {
         let image_seed = seed ^ (cut as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let image = history.image(cut, &root, &mut Rng::new(image_seed));
@@ -516,6 +518,16 @@ fn simulate(setup: &Setup) -> Vec<String> {
             }
             Err(e) => vec![e],
         };
+        if !wrong.is_empty() && !kept_an_image {
+            kept_an_image = true; // the first failing image stays, to be looked at
+            eprintln!(
+                "{}: the image of cut {cut} is kept at {}",
+                setup.name,
+                dir.display()
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
         for w in wrong {
             problems.push(format!(
                 "{}: cut at event {cut} of {} (seed {seed}): {w}",
@@ -523,9 +535,11 @@ fn simulate(setup: &Setup) -> Vec<String> {
                 history.events()
             ));
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
     let _ = std::fs::remove_dir_all(&data);
+    if problems.is_empty() {
+        let _ = std::fs::remove_dir_all(trace.parent().unwrap_or(&trace));
+    }
     problems
 }
 

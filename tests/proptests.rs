@@ -325,6 +325,7 @@ proptest! {
         segment_base in any::<u64>(),
         durable_end in any::<u64>(),
         next_offset in any::<u64>(),
+        log_start in any::<u64>(),
         clean in any::<bool>(),
         at in any::<prop::sample::Index>(),
         bit in 0u8..8,
@@ -332,7 +333,7 @@ proptest! {
         let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR"))
             .join(format!("proptest-checkpoint-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("dir");
-        let c = Checkpoint { segment_base, durable_end, next_offset, clean };
+        let c = Checkpoint { segment_base, durable_end, next_offset, log_start, clean };
         c.save(&dir).expect("save");
         prop_assert_eq!(Checkpoint::load(&dir), Some(c));
         let path = corebus::storage::checkpoint::path(&dir);

@@ -253,6 +253,7 @@ fn damaged_bytes_that_hold_no_offset_refuse_nothing() {
                 segment_base: 0,
                 durable_end: (total + junk.len()) as u64,
                 next_offset: 15,
+                log_start: 0,
                 clean: false,
             }
             .save(&dir)
@@ -297,6 +298,7 @@ fn a_segment_shorter_than_its_checkpoint_reports_the_loss_and_keeps_appending() 
             segment_base: 0,
             durable_end: total,
             next_offset: 15,
+            log_start: 0,
             clean: false,
         }
         .save(&dir)
@@ -388,6 +390,7 @@ fn a_log_ending_inside_a_batch_header_fails_the_read_instead_of_looping() {
             segment_base: 0,
             durable_end: total + 30,
             next_offset: 18,
+            log_start: 0,
             clean: true,
         }
         .save(&dir)
@@ -489,6 +492,70 @@ fn zero_filling_ahead_never_touches_data_across_refills_rolls_and_restarts() {
 /// A reader catching up from disk is served through the read-ahead (each window read while
 /// the previous one is processed, and awaited rather than read again when the reader comes
 /// first); a reader that jumps back drops it and still gets exactly what was stored.
+/// A retention pass checkpoints the new log start, then unlinks; a power cut may keep any
+/// subset of its unlinks. Recovery removes the rest instead of serving a log with a gap.
+#[test]
+fn a_retention_pass_cut_short_is_finished_at_open() {
+    let config = Rc::new(LogConfig {
+        preallocate_bytes: 64 * 1024,
+        segment_bytes: 64 * 1024,
+        ..LogConfig::default()
+    });
+    corebus::runtime::block_on(None, async move {
+        prime_direct_io().await;
+        let dir = common::fresh_dir("retention-cut-short");
+        let log = PartitionLog::open(&dir, Rc::clone(&config))
+            .await
+            .expect("open");
+        for k in 0..60u64 {
+            let (bytes, _) = big_batch(k * 3);
+            let ticket = log.append(&[bytes], 1).await.expect("append");
+            ticket.durable().await.expect("durable");
+        }
+        log.close().await;
+        drop(log);
+        let mut bases: Vec<u64> = std::fs::read_dir(&dir)
+            .expect("list")
+            .filter_map(|e| {
+                e.ok()?
+                    .file_name()
+                    .to_str()?
+                    .strip_suffix(".log")?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        bases.sort_unstable();
+        assert!(bases.len() >= 4, "segments: {bases:?}");
+        // The pass checkpointed a start of bases[2]; only the unlinks of bases[1] survived.
+        let mut checkpoint = Checkpoint::load(&dir).expect("checkpoint");
+        checkpoint.log_start = bases[2];
+        checkpoint.save(&dir).expect("save");
+        for ext in ["log", "index", "timeindex"] {
+            let _ = std::fs::remove_file(dir.join(format!("{:020}.{ext}", bases[1])));
+        }
+        let log = PartitionLog::open(&dir, Rc::clone(&config))
+            .await
+            .expect("reopen");
+        assert_eq!(log.log_start_offset(), bases[2]);
+        assert_eq!(log.stats().corrupt_ranges, 0, "no gap is reported");
+        assert!(!dir.join(format!("{:020}.log", bases[0])).exists());
+        let data = log
+            .fetch(bases[2], 64 * 1024, Duration::ZERO)
+            .await
+            .expect("fetch at the log start");
+        let bytes = data.batches.contiguous();
+        let first = BatchIter::new(&bytes)
+            .next()
+            .expect("a batch")
+            .expect("CRC");
+        assert_eq!(first.header().base_offset(), bases[2]);
+        log.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .expect("executor");
+}
+
 #[test]
 fn catching_up_from_disk_through_the_read_ahead_serves_every_record_once() {
     let metrics = Rc::new(StorageMetrics::default());

@@ -889,3 +889,143 @@ fn consumer_groups_per_partition_are_bounded() {
     );
     assert_eq!(fetched, vec![Some(5), Some(2), Some(3), None]);
 }
+
+#[test]
+fn a_partition_or_subscription_state_that_can_not_be_opened_is_offline_and_the_rest_is_served() {
+    let mut broker = Broker::start("subs-offline", 1, &[]);
+    ok_stdout(&broker.cli(&["topic", "create", "t", "--partitions", "3"], ""));
+    ok_stdout(&broker.cli(&["subscription", "create", "t", "s"], ""));
+    for p in 0..3 {
+        let values: Vec<String> = (0..5).map(|i| format!("p{p}-{i}")).collect();
+        publish(&broker, "t", &values, &["--partition", &p.to_string()]);
+    }
+    assert!(broker.terminate().success());
+    let dir = broker.data_dir.join("topics").join("t");
+    // Partition 1: its segment can not be opened (a directory where the file should be).
+    let segment = dir.join("1").join("00000000000000000000.log");
+    std::fs::remove_file(&segment).expect("remove segment");
+    std::fs::create_dir(&segment).expect("a directory in its place");
+    // Partition 2: the subscription's state holds a record with a valid checksum that does
+    // not decode.
+    let payload = [0xffu8; 3];
+    let mut record = (payload.len() as u32).to_le_bytes().to_vec();
+    record.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+    record.extend_from_slice(&payload);
+    let state = dir.join("2").join("subscriptions").join("s.state");
+    assert!(
+        state.exists(),
+        "the subscription's state of partition 2 is at {state:?}"
+    );
+    std::fs::write(&state, record).expect("damage the state");
+
+    broker.restart();
+    let log = broker.log_text();
+    assert!(log.contains("partition t/1 could not be opened"), "{log}");
+    assert!(
+        log.contains("subscription s of t/2 could not be opened"),
+        "{log}"
+    );
+    // The rest is served: produce and fetch on partition 0, events of partitions 0 and 2.
+    publish(&broker, "t", &["p0-5".to_string()], &["--partition", "0"]);
+    let out = broker.cli(
+        &[
+            "consume",
+            "t",
+            "--partition",
+            "0",
+            "--idle-timeout",
+            "300ms",
+        ],
+        "",
+    );
+    assert_eq!(ok_stdout(&out).lines().count(), 6);
+    let out = broker.cli(
+        &[
+            "consume",
+            "t",
+            "--partition",
+            "1",
+            "--idle-timeout",
+            "300ms",
+        ],
+        "",
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("partition t/1 is offline"),
+        "{stderr}"
+    );
+    let events = receive(&broker, "t", "s", 100, "0s");
+    let partitions: std::collections::BTreeSet<u64> = events
+        .iter()
+        .filter_map(|e| e["partition"].as_u64())
+        .collect();
+    assert_eq!(events.len(), 6, "the events of partition 0: {events:?}");
+    assert_eq!(partitions, [0].into_iter().collect());
+}
+
+/// A flipped bit inside a subscription's state, with valid writes after it, is damage to
+/// acknowledged state, not a torn tail: the file is refused and left as it is, that
+/// subscription's partition is offline, and the rest is served.
+#[test]
+fn damage_inside_a_subscription_state_is_refused_not_cut() {
+    let mut broker = Broker::start("subs-state-damage", 1, &[]);
+    ok_stdout(&broker.cli(&["topic", "create", "t", "--partitions", "2"], ""));
+    ok_stdout(&broker.cli(&["subscription", "create", "t", "s"], ""));
+    let values: Vec<String> = (0..5).map(|i| format!("p0-{i}")).collect();
+    publish(&broker, "t", &values, &["--partition", "0"]);
+    // Partition 0's state: the snapshot, then a write for the locks and one per ack.
+    let events = receive(&broker, "t", "s", 100, "0s");
+    assert_eq!(events.len(), 5);
+    for event in &events[..3] {
+        let acked = settle(&broker, "ack", "t", "s", &[], &[&token(event)]);
+        assert!(acked[0].1, "{acked:?}");
+    }
+    let values: Vec<String> = (0..5).map(|i| format!("p1-{i}")).collect();
+    publish(&broker, "t", &values, &["--partition", "1"]);
+    assert!(broker.terminate().success());
+
+    let state = broker.data_dir.join("topics/t/0/subscriptions/s.state");
+    let mut bytes = std::fs::read(&state).expect("the state of partition 0");
+    // Each write is `u32 flags|len, u32 crc, body`: damage the body of the second.
+    let mut starts = vec![0usize];
+    while let Some(word) = bytes
+        .get(starts[starts.len() - 1]..)
+        .and_then(|b| b.get(..4))
+    {
+        let len = (u32::from_le_bytes([word[0], word[1], word[2], word[3]]) & 0x3fff_ffff) as usize;
+        starts.push(starts[starts.len() - 1] + 8 + len);
+    }
+    assert!(
+        starts.len() >= 5,
+        "a snapshot and at least three writes: {starts:?}"
+    );
+    bytes[starts[1] + 12] ^= 0x01;
+    std::fs::write(&state, &bytes).expect("damage the state");
+
+    broker.restart();
+    let log = broker.log_text();
+    assert!(
+        log.contains("subscription s of t/0 could not be opened"),
+        "{log}"
+    );
+    assert!(log.contains("not a torn tail"), "{log}");
+    assert_eq!(
+        std::fs::read(&state).expect("state"),
+        bytes,
+        "left as it is"
+    );
+    let events = receive(&broker, "t", "s", 100, "0s");
+    let values: Vec<String> = events.iter().map(value).collect();
+    assert_eq!(
+        values,
+        (0..5).map(|i| format!("p1-{i}")).collect::<Vec<_>>()
+    );
+    // With nothing else to deliver, a receive reports the damage.
+    let out = broker.cli(&["receive", "t", "s", "--max", "10", "--wait", "0s"], "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("is offline"),
+        "{stderr}"
+    );
+}

@@ -75,6 +75,13 @@ pub struct Shard {
     topics: RefCell<TopicMap>,
     /// Partition logs this shard owns.
     logs: RefCell<HashMap<(String, u32), Rc<PartitionLog>>>,
+    /// What could not be opened at start (a partition log, or one subscription's state of a
+    /// partition), by [`failure_key`], with the error its requests get: the broker serves
+    /// everything else, as Kafka takes one bad log directory offline.
+    failed_at_start: RefCell<HashMap<String, ApiError>>,
+    /// True while the shard opens what the catalog lists (failures are then recorded in
+    /// `failed_at_start` instead of stopping the start).
+    starting: Cell<bool>,
     mesh: Senders<ShardMessage>,
     /// Serializes topic creation and deletion (used on shard 0 only).
     topic_changes: Rc<Semaphore>,
@@ -154,6 +161,8 @@ impl Shard {
             config,
             topics: RefCell::new(TopicMap::new()),
             logs: RefCell::new(HashMap::new()),
+            failed_at_start: RefCell::new(HashMap::new()),
+            starting: Cell::new(true),
             mesh,
             topic_changes: Rc::new(Semaphore::new(1)),
             in_flight: Cell::new(0),
@@ -175,7 +184,38 @@ impl Shard {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+        shard.starting.set(false);
         Ok(shard)
+    }
+
+    /// Records what could not be opened at start; outside the start, the caller fails instead.
+    /// True when recorded.
+    pub(super) fn record_start_failure(&self, key: String, error: &ApiError) -> bool {
+        if !self.starting.get() {
+            return false;
+        }
+        tracing::error!(
+            "{key} could not be opened and is offline until a restart: {}; the broker serves \
+             everything else",
+            error.message
+        );
+        self.metrics
+            .failed_at_start
+            .set(self.metrics.failed_at_start.get() + 1);
+        let offline = ApiError::new(
+            error.code,
+            format!(
+                "{key} is offline: it failed to open at start: {}",
+                error.message
+            ),
+        );
+        self.failed_at_start.borrow_mut().insert(key, offline);
+        true
+    }
+
+    /// The error for requests to something that failed to open at start, if it did.
+    pub(super) fn failed_at_start(&self, key: &str) -> Option<ApiError> {
+        self.failed_at_start.borrow().get(key).cloned()
     }
 
     /// Marks a client request in flight until the guard is dropped.
@@ -275,6 +315,9 @@ impl Shard {
             .get(&(topic.to_string(), partition))
             .cloned()
             .ok_or_else(|| {
+                if let Some(e) = self.failed_at_start(&failure_key(topic, partition, None)) {
+                    return e;
+                }
                 ApiError::new(
                     ErrorCode::Internal,
                     format!("shard {} does not own {topic}/{partition}", self.id),
@@ -527,15 +570,20 @@ impl Shard {
                         continue;
                     }
                     let dir = partition_dir(&self.config.data_dir, &name, partition);
-                    let log = PartitionLog::open(&dir, Rc::clone(&log_config))
-                        .await
-                        .map_err(|e| {
+                    let log = match PartitionLog::open(&dir, Rc::clone(&log_config)).await {
+                        Ok(log) => log,
+                        Err(e) => {
                             let e = storage_to_api(e);
-                            ApiError::new(
+                            let e = ApiError::new(
                                 e.code,
                                 format!("opening {name}/{partition}: {}", e.message),
-                            )
-                        })?;
+                            );
+                            if self.record_start_failure(failure_key(&name, partition, None), &e) {
+                                continue;
+                            }
+                            return Err(e);
+                        }
+                    };
                     self.logs
                         .borrow_mut()
                         .insert((name.clone(), partition), log);
@@ -670,6 +718,14 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
+}
+
+/// Names what failed to open at start: a partition, or one subscription's state of it.
+pub(super) fn failure_key(topic: &str, partition: u32, subscription: Option<&str>) -> String {
+    match subscription {
+        None => format!("partition {topic}/{partition}"),
+        Some(name) => format!("subscription {name} of {topic}/{partition}"),
+    }
 }
 
 /// Removes the data of topics that are no longer in the metadata (a delete that crashed

@@ -22,6 +22,8 @@ pub struct ShardMetrics {
     pub connections: Cell<usize>,
     /// Connections refused at accept.
     pub connections_refused: Cell<u64>,
+    /// Partitions and subscription states that failed to open at start (offline).
+    pub failed_at_start: Cell<u64>,
     /// The storage layer's metrics of this shard.
     pub storage: Rc<StorageMetrics>,
 }
@@ -34,6 +36,7 @@ impl Default for ShardMetrics {
             errors: RefCell::new(BTreeMap::new()),
             connections: Cell::new(0),
             connections_refused: Cell::new(0),
+            failed_at_start: Cell::new(0),
             storage: Rc::new(StorageMetrics::default()),
         }
     }
@@ -179,6 +182,12 @@ impl Shard {
             "corebus_connections_refused_total",
             &shard,
             m.connections_refused.get(),
+        );
+        sample(
+            &mut out,
+            "corebus_offline_at_start",
+            &shard,
+            m.failed_at_start.get(),
         );
         sample(
             &mut out,

@@ -26,7 +26,7 @@ use glommio::sync::Semaphore;
 
 use super::mesh::{ShardMessage, TopicChange};
 use super::metadata::{Catalog, SubscriptionMap};
-use super::shard::{now_ms, owner_of, shard_gone, storage_to_api, Shard};
+use super::shard::{failure_key, now_ms, owner_of, shard_gone, storage_to_api, Shard};
 use crate::groups::GroupOffsets;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
@@ -336,7 +336,7 @@ impl Shard {
                 continue;
             };
             let dir = log.dir().to_path_buf();
-            let sp = SubscriptionPartition::open(
+            let opened = SubscriptionPartition::open(
                 &dir,
                 topic,
                 name,
@@ -345,17 +345,24 @@ impl Shard {
                 log,
                 self.limits(),
             )
-            .await
-            .map_err(|e| {
-                let e = storage_to_api(e);
-                ApiError::new(
-                    e.code,
-                    format!(
-                        "opening subscription {name} of {topic}/{partition}: {}",
-                        e.message
-                    ),
-                )
-            })?;
+            .await;
+            let sp = match opened {
+                Ok(sp) => sp,
+                Err(e) => {
+                    let e = storage_to_api(e);
+                    let e = ApiError::new(
+                        e.code,
+                        format!(
+                            "opening subscription {name} of {topic}/{partition}: {}",
+                            e.message
+                        ),
+                    );
+                    if self.record_start_failure(failure_key(topic, partition, Some(name)), &e) {
+                        continue;
+                    }
+                    return Err(e);
+                }
+            };
             self.subs
                 .partitions
                 .borrow_mut()
@@ -538,7 +545,11 @@ impl Shard {
         let mut out: Vec<Delivered> = Vec::new();
         let mut bytes = 0usize;
         let mut touched = Vec::new();
-        let mut failure = None;
+        // Partitions whose state failed to open at start: reported when nothing else is.
+        let mut failure = partitions.iter().find_map(|&p| {
+            self.failed_at_start(&failure_key(topic, p, Some(name)))
+                .or_else(|| self.failed_at_start(&failure_key(topic, p, None)))
+        });
         for sp in sps {
             if out.len() >= max_events || bytes >= max_bytes {
                 break;
@@ -1086,6 +1097,9 @@ impl Shard {
             return Ok(Rc::clone(g));
         }
         let Some(log) = self.owned_log(topic, partition) else {
+            if let Some(e) = self.failed_at_start(&failure_key(topic, partition, None)) {
+                return Err(e);
+            }
             return Err(ApiError::new(
                 ErrorCode::UnknownPartition,
                 format!("{topic}/{partition} is not a partition this shard owns"),

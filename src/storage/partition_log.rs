@@ -258,8 +258,8 @@ struct LogState {
     /// Set after a fatal error (an fdatasync failure): the log no longer accepts writes.
     failed: Option<String>,
     closed: bool,
-    /// (segment base, durable end) of the last checkpoint written.
-    checkpointed: (u64, u64),
+    /// The last checkpoint written.
+    checkpointed: Checkpoint,
     /// Read-ahead for a reader catching up from disk.
     read_ahead: Option<ReadAhead>,
     /// Traffic counters since start: records and bytes in (acknowledged) and out (fetched).
@@ -267,6 +267,15 @@ struct LogState {
     bytes_in: u64,
     messages_out: u64,
     bytes_out: u64,
+}
+
+impl LogState {
+    /// Earliest stored offset.
+    fn log_start(&self) -> u64 {
+        self.segments
+            .front()
+            .map_or(self.high_watermark, |s| s.base_offset)
+    }
 }
 
 /// Zero-fills in flight on a shard at most (each holds a 256 KiB buffer and a disk queue slot):
@@ -302,6 +311,7 @@ impl PartitionLog {
             bases.push(0);
         }
         let checkpoint = Checkpoint::load(dir);
+        finish_retention(dir, &mut bases, checkpoint.map_or(0, |c| c.log_start)).await?;
         let mut segments = VecDeque::with_capacity(bases.len());
         let mut corrupt = Vec::new();
         for (i, &base) in bases.iter().enumerate() {
@@ -340,6 +350,7 @@ impl PartitionLog {
             segment_base: active_base,
             durable_end: end,
             next_offset,
+            log_start: segments.front().map_or(next_offset, |s| s.base_offset),
             clean: false,
         };
         save_checkpoint(dir, fresh).await?;
@@ -365,7 +376,7 @@ impl PartitionLog {
                 corrupt,
                 failed,
                 closed: false,
-                checkpointed: (active_base, end),
+                checkpointed: fresh,
                 read_ahead: None,
                 messages_in: 0,
                 bytes_in: 0,
@@ -392,10 +403,7 @@ impl PartitionLog {
 
     /// Earliest stored offset.
     pub fn log_start_offset(&self) -> u64 {
-        let st = self.state.borrow();
-        st.segments
-            .front()
-            .map_or(st.high_watermark, |s| s.base_offset)
+        self.state.borrow().log_start()
     }
 
     /// Figures about the log.
@@ -976,20 +984,21 @@ impl PartitionLog {
         }
         // Only space is lost if this fails: recovery reads a sealed segment up to its zeros.
         let _ = dma::truncate(&sealed_file, sealed_end).await;
-        {
+        let checkpoint = {
             let mut st = self.state.borrow_mut();
             if let Some(old) = st.segments.back_mut() {
                 old.extent.truncated(sealed_end);
             }
             st.segments.push_back(seg);
             st.tail_block.clear();
-            st.checkpointed = (base, 0);
-        }
-        let checkpoint = Checkpoint {
-            segment_base: base,
-            durable_end: 0,
-            next_offset: base,
-            clean: false,
+            st.checkpointed = Checkpoint {
+                segment_base: base,
+                durable_end: 0,
+                next_offset: base,
+                log_start: st.log_start(),
+                clean: false,
+            };
+            st.checkpointed
         };
         save_checkpoint(&self.dir, checkpoint).await
     }
@@ -1489,21 +1498,22 @@ impl PartitionLog {
             let mut st = self.state.borrow_mut();
             let hw = st.high_watermark;
             let previous = st.checkpointed;
+            let log_start = st.log_start();
             let Some(active) = st.segments.back_mut() else {
                 return Ok(());
             };
-            let now = (active.base_offset, active.end);
-            if now == previous {
+            if (active.base_offset, active.end) == (previous.segment_base, previous.durable_end) {
                 return Ok(());
             }
-            let append = active.take_unwritten_index();
-            st.checkpointed = now;
             let checkpoint = Checkpoint {
-                segment_base: now.0,
-                durable_end: now.1,
+                segment_base: active.base_offset,
+                durable_end: active.end,
                 next_offset: hw,
+                log_start,
                 clean: false,
             };
+            let append = active.take_unwritten_index();
+            st.checkpointed = checkpoint;
             (append, checkpoint)
         };
         if !append.is_empty() {
@@ -1522,7 +1532,12 @@ impl PartitionLog {
 
     /// Deletes whole segments (never the active one) past the retention limits. Returns the
     /// number deleted.
+    ///
+    /// The new log start is checkpointed before any file is unlinked: a power cut may keep
+    /// any subset of the unlinks, and recovery then removes the rest (`finish_retention`)
+    /// instead of finding a gap in the offsets.
     pub async fn enforce_retention(&self, now_ms: i64) -> usize {
+        let _guard = self.checkpoint_lock.acquire_permit(1).await;
         let removed: Vec<Segment> = {
             let mut st = self.state.borrow_mut();
             let mut removed = Vec::new();
@@ -1559,6 +1574,26 @@ impl PartitionLog {
             st.corrupt.retain(|r| r.last_offset >= start);
             removed
         };
+        if removed.is_empty() {
+            return 0;
+        }
+        let checkpoint = {
+            let mut st = self.state.borrow_mut();
+            st.checkpointed.log_start = st.log_start();
+            st.checkpointed
+        };
+        disk_trace::instant(|| disk_trace::Op::Note {
+            text: format!("retention {} {}", self.dir.display(), checkpoint.log_start),
+        });
+        if let Err(e) = save_checkpoint(&self.dir, checkpoint).await {
+            // Unlinked without a durable log start, the files could come back with a gap.
+            tracing::warn!(
+                "{e}; the {} segments below offset {} stay on disk until the next start",
+                removed.len(),
+                checkpoint.log_start
+            );
+            return 0;
+        }
         let count = removed.len();
         for seg in removed {
             let paths = [seg.path("log"), seg.path("index"), seg.path("timeindex")];
@@ -1571,9 +1606,7 @@ impl PartitionLog {
                 })
                 .await;
         }
-        if count > 0 {
-            let _ = sync_dir(&self.dir).await;
-        }
+        let _ = sync_dir(&self.dir).await;
         count
     }
 
@@ -1624,6 +1657,7 @@ impl PartitionLog {
         let (append, checkpoint) = {
             let mut st = self.state.borrow_mut();
             let hw = st.high_watermark;
+            let log_start = st.log_start();
             let Some(active) = st.segments.back_mut() else {
                 return;
             };
@@ -1631,6 +1665,7 @@ impl PartitionLog {
                 segment_base: active.base_offset,
                 durable_end: active.end,
                 next_offset: hw,
+                log_start,
                 clean: true,
             };
             (active.take_unwritten_index(), checkpoint)
@@ -1698,6 +1733,43 @@ async fn save_checkpoint(dir: &Path, checkpoint: Checkpoint) -> Result<(), Stora
         .spawn_blocking(move || checkpoint.save(&owned))
         .await
         .map_err(|e| StorageError::io(format!("writing the checkpoint of {}", dir.display()), &e))
+}
+
+/// Removes the segments wholly below `log_start` (never the last one): what a retention pass
+/// left when a crash cut it short, after it had checkpointed the new log start.
+async fn finish_retention(
+    dir: &Path,
+    bases: &mut Vec<u64>,
+    log_start: u64,
+) -> Result<(), StorageError> {
+    let below = bases
+        .windows(2)
+        .take_while(|pair| pair[1] <= log_start)
+        .count();
+    if below == 0 {
+        return Ok(());
+    }
+    let removed: Vec<u64> = bases.drain(..below).collect();
+    tracing::info!(
+        "{}: removing {below} segments below the log start {log_start} (a retention pass cut \
+         short)",
+        dir.display()
+    );
+    let owned = dir.to_path_buf();
+    glommio::executor()
+        .spawn_blocking(move || -> std::io::Result<()> {
+            for base in removed {
+                for ext in ["log", "index", "timeindex"] {
+                    match disk_trace::remove_file(&owned.join(segment::file_name(base, ext))) {
+                        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                        _ => {}
+                    }
+                }
+            }
+            super::atomic_file::sync_dir(&owned)
+        })
+        .await
+        .map_err(|e| StorageError::io(format!("finishing retention in {}", dir.display()), &e))
 }
 
 /// Recovers one segment. Sealed segments (those with a `next_base` after them) are scanned

@@ -4,9 +4,18 @@
 //!
 //! Owns the file's bytes and when they are durable; knows nothing of what the records mean.
 //!
-//! Layout: records, each `u32 len, u32 crc32c(payload), payload` (little-endian). Reading
-//! stops at the first record that is incomplete or fails its CRC: that is a torn tail (the
-//! write was never acknowledged), cut at open.
+//! Layout: a sequence of groups, one per write: `u32 GROUP | len, u32 crc32c(body), body`
+//! (little-endian), where the body is `len` bytes of records, each `u32 len, u32
+//! crc32c(payload), payload`. A snapshot (written whole by [`StateLog::create`] or compaction,
+//! then renamed into place) is one group with the `SEALED` bit too. Files written before groups
+//! existed hold bare records, still read.
+//!
+//! Torn or damaged: one write and its `fdatasync` are in flight at a time, so after a power cut
+//! only the last group can be incomplete. A bad group (or bare record) with nothing valid after
+//! it is a torn tail, never acknowledged, and is cut at open. In `sync` mode, a bad group with
+//! a valid group after it, or a bad snapshot, is damage to acknowledged state: the file is
+//! refused (`Corrupt`) and left as it is, since cutting there would drop acknowledged settles
+//! and commits. (`--durability write` promises nothing after a power cut, and cuts there.)
 //!
 //! I/O: appends and their `fdatasync` go through io_uring (glommio's buffered files: these
 //! files are small and written in small pieces, where O_DIRECT buys nothing), so the syncs of
@@ -37,6 +46,14 @@ use super::{dma, Durability, StorageError};
 
 /// Longest record accepted when reading back (a longer length prefix is a torn tail).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
+/// In a length word: the unit is a group of records (one write).
+const GROUP: u32 = 1 << 31;
+/// In a group's length word: a snapshot, written whole and renamed into place (never torn).
+const SEALED: u32 = 1 << 30;
+/// The length bits of a group's length word.
+const GROUP_LEN: u32 = SEALED - 1;
+/// Bytes of a group's or a record's header.
+const HEADER: usize = 8;
 /// A log is not compacted below this size.
 pub const COMPACT_MIN_BYTES: u64 = 1 << 20;
 /// ... and is compacted once it is this many times larger than its last snapshot.
@@ -52,33 +69,127 @@ pub trait SnapshotSource {
 /// Frames one payload as a record.
 pub fn frame(payload: &[u8], out: &mut Vec<u8>) {
     debug_assert!(payload.len() <= MAX_RECORD_BYTES, "state record too large");
+    debug_assert!(
+        !payload.is_empty(),
+        "an empty state record reads as a torn one"
+    );
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     out.extend_from_slice(payload);
 }
 
-/// Splits bytes into record payloads; returns them and the length of the valid prefix.
-pub fn parse(bytes: &[u8]) -> (Vec<&[u8]>, usize) {
+/// Reserves a group header in front of records framed after it into `out` (empty).
+fn open_group(out: &mut Vec<u8>) {
+    debug_assert!(out.is_empty());
+    out.extend_from_slice(&[0; HEADER]);
+}
+
+/// Fills the header that [`open_group`] reserved, for the records after it.
+fn close_group(group: &mut [u8], sealed: bool) {
+    let body = &group[HEADER..];
+    debug_assert!(body.len() <= GROUP_LEN as usize, "state group too large");
+    let word = GROUP | if sealed { SEALED } else { 0 } | body.len() as u32;
+    let crc = crc32c::crc32c(body);
+    group[..4].copy_from_slice(&word.to_le_bytes());
+    group[4..HEADER].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The records of `payloads` as one sealed group (a snapshot), or nothing if there are none.
+fn snapshot_bytes(payloads: &[Vec<u8>]) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    if payloads.is_empty() {
+        return bytes;
+    }
+    open_group(&mut bytes);
+    for r in payloads {
+        frame(r, &mut bytes);
+    }
+    close_group(&mut bytes, true);
+    bytes
+}
+
+/// One valid unit of a file.
+enum Unit<'a> {
+    /// A bare record's payload (files from before groups).
+    Record(&'a [u8]),
+    /// A group's body: framed records.
+    Group(&'a [u8]),
+}
+
+/// The valid unit at `at` and the position after it; `None` if it is incomplete or damaged.
+fn unit_at(bytes: &[u8], at: usize) -> Option<(Unit<'_>, usize)> {
+    let head = bytes.get(at..at + HEADER)?;
+    let word = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+    let crc = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+    let grouped = word & GROUP != 0;
+    let len = if grouped { word & GROUP_LEN } else { word } as usize;
+    // No record is empty: zeros (a length of 0 and the CRC of nothing, 0) are what an append
+    // whose size reached the disk before its data leaves after a power cut.
+    if len == 0 || (!grouped && len > MAX_RECORD_BYTES) || bytes.len() - at - HEADER < len {
+        return None;
+    }
+    let body = &bytes[at + HEADER..at + HEADER + len];
+    if crc32c::crc32c(body) != crc {
+        return None;
+    }
+    let unit = if grouped {
+        Unit::Group(body)
+    } else {
+        Unit::Record(body)
+    };
+    Some((unit, at + HEADER + len))
+}
+
+/// The records framed in a group's body, if all of them are whole and valid.
+fn group_records(body: &[u8]) -> Option<Vec<&[u8]>> {
+    let mut records = Vec::new();
+    let mut at = 0;
+    while at < body.len() {
+        match unit_at(body, at)? {
+            (Unit::Record(payload), next) => {
+                records.push(payload);
+                at = next;
+            }
+            (Unit::Group(_), _) => return None,
+        }
+    }
+    Some(records)
+}
+
+/// Splits a file into record payloads; returns them and the length of the valid prefix (what
+/// follows it is a torn tail, to cut). With `strict` (`sync` mode), damage that can not be a
+/// torn tail is an error: a bad unit with a valid group after it, or a bad snapshot.
+pub fn parse(bytes: &[u8], strict: bool) -> Result<(Vec<&[u8]>, usize), String> {
     let mut records = Vec::new();
     let mut at = 0usize;
-    while bytes.len() - at >= 8 {
-        let mut len = [0u8; 4];
-        len.copy_from_slice(&bytes[at..at + 4]);
-        let len = u32::from_le_bytes(len) as usize;
-        let mut crc = [0u8; 4];
-        crc.copy_from_slice(&bytes[at + 4..at + 8]);
-        let crc = u32::from_le_bytes(crc);
-        if len > MAX_RECORD_BYTES || bytes.len() - at - 8 < len {
-            break;
+    while let Some((unit, next)) = unit_at(bytes, at) {
+        match unit {
+            Unit::Record(payload) => records.push(payload),
+            Unit::Group(body) => records.extend(group_records(body).ok_or_else(|| {
+                format!("the group at byte {at} passes its checksum but holds bad records")
+            })?),
         }
-        let payload = &bytes[at + 8..at + 8 + len];
-        if crc32c::crc32c(payload) != crc {
-            break;
-        }
-        records.push(payload);
-        at += 8 + len;
+        at = next;
     }
-    (records, at)
+    if strict && at < bytes.len() {
+        let word = u32::from_le_bytes(
+            bytes[at..]
+                .get(..4)
+                .map_or([0; 4], |w| [w[0], w[1], w[2], w[3]]),
+        );
+        if word & (GROUP | SEALED) == GROUP | SEALED {
+            return Err(format!("the snapshot at byte {at} fails its checksum"));
+        }
+        let later =
+            (at + 1..bytes.len()).find(|&i| matches!(unit_at(bytes, i), Some((Unit::Group(_), _))));
+        if let Some(later) = later {
+            return Err(format!(
+                "the records at byte {at} are damaged and valid ones follow at byte {later}: \
+                 not a torn tail"
+            ));
+        }
+    }
+    Ok((records, at))
 }
 
 /// The valid records of a file and its valid length.
@@ -143,10 +254,7 @@ impl StateLog {
         records: Vec<Vec<u8>>,
         durability: Durability,
     ) -> Result<Rc<Self>, StorageError> {
-        let mut bytes = Vec::new();
-        for r in &records {
-            frame(r, &mut bytes);
-        }
+        let bytes = snapshot_bytes(&records);
         let owned = path.to_path_buf();
         let len = bytes.len() as u64;
         glommio::executor()
@@ -163,7 +271,8 @@ impl StateLog {
     }
 
     /// Opens the file at `path` and returns it with the payloads of its valid records; a
-    /// torn tail is cut off. `None` if the file does not exist.
+    /// torn tail is cut off. `None` if the file does not exist; `Corrupt` if it holds damage
+    /// that is not a torn tail (see the module's notes), the file left untouched.
     pub async fn open(
         path: &Path,
         durability: Durability,
@@ -180,7 +289,13 @@ impl StateLog {
                 let mut bytes = Vec::new();
                 file.read_to_end(&mut bytes)
                     .map_err(io_err(context.clone()))?;
-                let (records, valid) = parse(&bytes);
+                let (records, valid) =
+                    parse(&bytes, durability == Durability::Sync).map_err(|why| {
+                        StorageError::Corrupt(format!(
+                            "{}: {why}; the file is left as it is",
+                            owned.display()
+                        ))
+                    })?;
                 let records: Vec<Vec<u8>> = records.into_iter().map(<[u8]>::to_vec).collect();
                 if valid < bytes.len() {
                     tracing::warn!(
@@ -260,6 +375,9 @@ impl StateLog {
     pub fn append(self: &Rc<Self>, payload: &[u8]) -> u64 {
         let start = {
             let mut inner = self.inner.borrow_mut();
+            if inner.pending.is_empty() {
+                open_group(&mut inner.pending);
+            }
             frame(payload, &mut inner.pending);
             inner.appended_seq += 1;
             let start = !inner.flushing;
@@ -352,7 +470,8 @@ impl StateLog {
                         inner.flushing = false;
                         return;
                     };
-                    let bytes = std::mem::take(&mut inner.pending);
+                    let mut bytes = std::mem::take(&mut inner.pending);
+                    close_group(&mut bytes, false);
                     Some((file, bytes, inner.size_bytes, inner.appended_seq))
                 }
             };
@@ -438,10 +557,7 @@ impl StateLog {
             inner.snapshot_bytes = inner.size_bytes;
             return;
         };
-        let mut bytes = Vec::new();
-        for record in source.snapshot() {
-            frame(&record, &mut bytes);
-        }
+        let bytes = snapshot_bytes(&source.snapshot());
         drop(source);
         let old = self.inner.borrow_mut().file.take();
         drop(old);
@@ -558,20 +674,84 @@ mod tests {
     }
 
     #[test]
-    fn parse_stops_at_a_torn_or_damaged_record() {
+    fn parse_stops_at_a_torn_or_damaged_bare_record() {
+        // Files from before groups: bare records.
         let mut bytes = Vec::new();
         frame(b"one", &mut bytes);
         frame(b"two", &mut bytes);
         let whole = bytes.len();
         frame(b"three", &mut bytes);
         for cut in whole..bytes.len() {
-            let (records, valid) = parse(&bytes[..cut]);
+            let (records, valid) = parse(&bytes[..cut], true).expect("a torn tail");
             assert_eq!(records, vec![&b"one"[..], &b"two"[..]]);
             assert_eq!(valid, whole);
         }
         let mut damaged = bytes.clone();
         damaged[whole + 9] ^= 1;
-        assert_eq!(parse(&damaged).0.len(), 2);
-        assert_eq!(parse(&bytes).0.len(), 3);
+        assert_eq!(parse(&damaged, true).expect("cut").0.len(), 2);
+        assert_eq!(parse(&bytes, true).expect("whole").0.len(), 3);
+        // A power cut can leave an append's size without its data: zeros end the records.
+        let mut zeros = bytes[..whole].to_vec();
+        zeros.resize(whole + 4096, 0);
+        let parsed = parse(&zeros, true).expect("a torn tail");
+        assert_eq!(parsed, (vec![&b"one"[..], &b"two"[..]], whole));
+    }
+
+    /// A file as the log writes it: a snapshot, then one group per write.
+    fn grouped_file() -> (Vec<u8>, Vec<usize>) {
+        let mut bytes = snapshot_bytes(&[b"s1".to_vec(), b"s2".to_vec()]);
+        let mut ends = vec![bytes.len()];
+        for write in [&[&b"a"[..], b"bb"][..], &[b"ccc"], &[b"dddd", b"e", b"ff"]] {
+            let mut group = Vec::new();
+            open_group(&mut group);
+            for r in write {
+                frame(r, &mut group);
+            }
+            close_group(&mut group, false);
+            bytes.extend_from_slice(&group);
+            ends.push(bytes.len());
+        }
+        (bytes, ends)
+    }
+
+    #[test]
+    fn a_torn_last_group_is_cut_wherever_it_ends() {
+        let (bytes, ends) = grouped_file();
+        let all = parse(&bytes, true).expect("whole").0;
+        assert_eq!(all.len(), 8);
+        let before_last = ends[ends.len() - 2];
+        for cut in before_last..bytes.len() {
+            let (records, valid) = parse(&bytes[..cut], true).expect("a torn tail");
+            assert_eq!((records.len(), valid), (5, before_last), "cut at {cut}");
+        }
+        // The last write's first block lost and a later one kept: its records after the hole
+        // parse alone, but they are inside the torn group, not after it.
+        let mut holed = bytes.clone();
+        holed[before_last..before_last + 12].fill(0);
+        assert_eq!(parse(&holed, true).expect("torn").1, before_last);
+    }
+
+    #[test]
+    fn damage_with_valid_groups_after_it_is_refused_in_sync_mode() {
+        let (bytes, ends) = grouped_file();
+        // A flipped bit in the second write after the snapshot, in its header or body.
+        for at in [ends[1], ends[1] + 3, ends[1] + 12] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x10;
+            let err = parse(&damaged, true).expect_err("not a torn tail");
+            assert!(err.contains("valid ones follow"), "{err}");
+            // Without sync nothing is promised after a power cut: cut, as a torn tail.
+            let (records, valid) = parse(&damaged, false).expect("cut");
+            assert_eq!((records.len(), valid), (4, ends[1]));
+        }
+        // A snapshot is renamed into place whole: damage in it is never a torn tail.
+        let mut damaged = bytes.clone();
+        damaged[HEADER + 9] ^= 1;
+        let err = parse(&damaged, true).expect_err("a bad snapshot");
+        assert!(err.contains("snapshot"), "{err}");
+        let snapshot_only = &bytes[..ends[0]];
+        let mut damaged = snapshot_only.to_vec();
+        damaged[HEADER + 9] ^= 1;
+        assert!(parse(&damaged, true).is_err());
     }
 }
