@@ -200,6 +200,11 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "counter",
         "Events of a subscription dropped for want of a dead-letter topic.",
     ),
+    (
+        "corebus_subscription_lost_total",
+        "counter",
+        "Offsets of a subscription lost before they were settled: removed by retention (or failing their checksum) while unsettled or before it read them.",
+    ),
 ];
 
 /// A histogram with fixed buckets.

@@ -1029,3 +1029,54 @@ fn damage_inside_a_subscription_state_is_refused_not_cut() {
         "{stderr}"
     );
 }
+
+/// Events that retention removes before a subscription reads them are counted as lost (in
+/// the subscription's figures and its metric), and delivery goes on from the log start.
+#[test]
+fn events_removed_by_retention_before_delivery_are_counted_as_lost() {
+    let broker = Broker::start(
+        "subs-lost",
+        1,
+        &[
+            "--segment-bytes",
+            "64KiB",
+            "--retention-check-interval",
+            "100ms",
+        ],
+    );
+    ok_stdout(&broker.cli(
+        &[
+            "topic",
+            "create",
+            "trim",
+            "--partitions",
+            "1",
+            "--retention-bytes",
+            "200KiB",
+        ],
+        "",
+    ));
+    ok_stdout(&broker.cli(&["subscription", "create", "trim", "s"], ""));
+    let input: String = (0..5_000)
+        .map(|i| format!("{i:06}-{}\n", "x".repeat(80)))
+        .collect();
+    ok_stdout(&broker.cli(&["publish", "trim", "--batch-records", "50"], &input));
+    // Wait until retention has removed the oldest segments.
+    wait_until("retention", Duration::from_secs(20), || {
+        let out = broker.cli(
+            &["consume", "trim", "--from", "earliest", "--count", "1"],
+            "",
+        );
+        let first = String::from_utf8_lossy(&out.stdout).into_owned();
+        !first.is_empty() && !first.starts_with("000000")
+    });
+    // The subscription never read the removed events: it starts at the log start it meets,
+    // and counts every offset below it as lost.
+    let events = receive(&broker, "trim", "s", 10, "0s");
+    let first = events.first().map(value).expect("an event");
+    let first: u64 = first[..6].parse().expect("a numbered value");
+    assert!(first > 0, "retention removed offset 0");
+    let list = ok_stdout(&broker.cli(&["subscription", "list", "trim", "--format", "json"], ""));
+    let row: serde_json::Value = serde_json::from_str(list.trim()).expect("json");
+    assert_eq!(row["lost"].as_u64(), Some(first), "{row}");
+}

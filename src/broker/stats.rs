@@ -223,6 +223,7 @@ impl Shard {
                     &labels,
                     f.dropped,
                 );
+                sample(&mut out, "corebus_subscription_lost_total", &labels, f.lost);
             }
         }
         for (code, n) in m.errors.borrow().iter() {

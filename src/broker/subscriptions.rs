@@ -92,6 +92,8 @@ pub struct SubscriptionFigures {
     pub dead_lettered: u64,
     /// Events dropped for want of a dead-letter topic.
     pub dropped: u64,
+    /// Offsets lost before they were settled (retention, or a corrupt range).
+    pub lost: u64,
 }
 
 impl std::ops::AddAssign for SubscriptionFigures {
@@ -101,6 +103,7 @@ impl std::ops::AddAssign for SubscriptionFigures {
         self.acked += o.acked;
         self.dead_lettered += o.dead_lettered;
         self.dropped += o.dropped;
+        self.lost += o.lost;
     }
 }
 
@@ -1047,6 +1050,7 @@ impl Shard {
                 acked: counters.acked,
                 dead_lettered: counters.dead_lettered,
                 dropped: counters.dropped,
+                lost: counters.lost,
             };
         }
         sum

@@ -165,13 +165,14 @@ pub async fn run(command: SubscriptionCommand, args: ClientArgs) -> Result<ExitC
                 let s = info.stats.unwrap_or_default();
                 match format {
                     ListFormat::Text => println!(
-                        "{}\tlocked={} backlog={} acked={} dead-lettered={} dropped={}\t{}",
+                        "{}\tlocked={} backlog={} acked={} dead-lettered={} dropped={} lost={}\t{}",
                         info.name,
                         s.locked,
                         s.backlog,
                         s.acked,
                         s.dead_lettered,
                         s.dropped,
+                        s.lost,
                         describe(&info.config)
                     ),
                     ListFormat::Json => {
@@ -192,6 +193,7 @@ pub async fn run(command: SubscriptionCommand, args: ClientArgs) -> Result<ExitC
                             "acked": s.acked,
                             "dead_lettered": s.dead_lettered,
                             "dropped": s.dropped,
+                            "lost": s.lost,
                         });
                         println!("{row}");
                     }

@@ -37,6 +37,8 @@ pub struct SubscriptionStats {
     pub dead_lettered: u64,
     /// Events dropped for want of a dead-letter topic.
     pub dropped: u64,
+    /// Offsets lost before they were settled (retention, or a range failing its checksum).
+    pub lost: u64,
 }
 
 /// One subscription as listed.
@@ -266,6 +268,7 @@ impl Client {
                 acked: s.acked(),
                 dead_lettered: s.dead_lettered(),
                 dropped: s.dropped(),
+                lost: s.lost(),
             });
             out.push(SubscriptionInfo {
                 name,

@@ -318,7 +318,8 @@ impl SubscriptionPartition {
     }
 
     /// Reads the records at `offsets` (ascending) from the log. Offsets whose data is gone
-    /// (deleted by retention, or failing its checksum) are missing from the result.
+    /// (deleted by retention, or in a range recovery found corrupt) are missing from the
+    /// result; a checksum failure outside such a range is an error (`Corrupt`).
     pub async fn read_records(
         &self,
         offsets: &[u64],
@@ -329,7 +330,11 @@ impl SubscriptionPartition {
             let want = offsets[i];
             let data = match self.log.fetch(want, SCAN_BYTES, Duration::ZERO).await {
                 Ok(data) => data,
-                Err(StorageError::OffsetOutOfRange { .. }) | Err(StorageError::Corrupt(_)) => {
+                Err(StorageError::OffsetOutOfRange { .. }) => {
+                    i += 1;
+                    continue;
+                }
+                Err(StorageError::Corrupt(_)) if self.log.corrupt_range_around(want).is_some() => {
                     i += 1;
                     continue;
                 }
@@ -388,13 +393,14 @@ impl SubscriptionPartition {
                     }
                     None => {
                         tracing::warn!(
-                            "{}/{} subscription {}: event {} is gone from the log; dropped",
+                            "{}/{} subscription {}: event {} is gone from the log before it \
+                             was settled; counted as lost",
                             self.topic,
                             self.partition,
                             self.name,
                             lease.offset
                         );
-                        let op = self.state.borrow_mut().forget(lease.offset);
+                        let op = self.state.borrow_mut().lose(lease.offset, lease.offset + 1);
                         if let Some(op) = op {
                             self.append(&op);
                         }
@@ -415,28 +421,44 @@ impl SubscriptionPartition {
             if from >= self.log.high_watermark() {
                 break;
             }
-            let data = match self.log.fetch(from, SCAN_BYTES, Duration::ZERO).await {
-                Ok(data) => data,
-                Err(StorageError::OffsetOutOfRange {
-                    log_start_offset, ..
-                }) => {
-                    self.state.borrow_mut().skip_to(log_start_offset);
-                    continue;
-                }
-                Err(StorageError::Corrupt(why)) => match self.log.corrupt_range_around(from) {
-                    // Known-corrupt offsets can never be delivered: move past them.
-                    Some((_, last)) => {
+            let data =
+                match self.log.fetch(from, SCAN_BYTES, Duration::ZERO).await {
+                    Ok(data) => data,
+                    Err(StorageError::OffsetOutOfRange {
+                        log_start_offset, ..
+                    }) => {
+                        // Retention removed offsets the cursor had not reached yet.
                         tracing::warn!(
-                            "{}/{} subscription {}: skipping unreadable offsets {from}..={last}: {why}",
-                            self.topic, self.partition, self.name
-                        );
-                        self.state.borrow_mut().skip_to(last + 1);
+                        "{}/{} subscription {}: offsets {from}..{log_start_offset} were removed \
+                         by retention before the subscription read them; counted as lost",
+                        self.topic,
+                        self.partition,
+                        self.name
+                    );
+                        let op = self.state.borrow_mut().lose(from, log_start_offset);
+                        if let Some(op) = op {
+                            self.append(&op);
+                        }
                         continue;
                     }
-                    None => return Err(StorageError::Corrupt(why)),
-                },
-                Err(e) => return Err(e),
-            };
+                    Err(StorageError::Corrupt(why)) => match self.log.corrupt_range_around(from) {
+                        // Known-corrupt offsets can never be delivered: move past them.
+                        Some((_, last)) => {
+                            tracing::warn!(
+                            "{}/{} subscription {}: skipping unreadable offsets {from}..={last}, \
+                             counted as lost: {why}",
+                            self.topic, self.partition, self.name
+                        );
+                            let op = self.state.borrow_mut().lose(from, last + 1);
+                            if let Some(op) = op {
+                                self.append(&op);
+                            }
+                            continue;
+                        }
+                        None => return Err(StorageError::Corrupt(why)),
+                    },
+                    Err(e) => return Err(e),
+                };
             if data.batches.is_empty() {
                 break;
             }

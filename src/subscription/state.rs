@@ -142,6 +142,10 @@ pub struct Counters {
     pub dead_lettered: u64,
     /// Events dropped for want of a dead-letter topic.
     pub dropped: u64,
+    /// Offsets lost before they were settled: removed by retention, or in a range of the log
+    /// that failed its checksum. Offsets the cursor had not reached count whether or not they
+    /// would have matched the filter.
+    pub lost: u64,
 }
 
 /// A persisted change to the state.
@@ -192,6 +196,17 @@ pub enum Op {
         /// True when it went to the dead-letter topic.
         dead_lettered: bool,
     },
+    /// Offsets `from..to` can no longer be read (retention removed them, or they fail their
+    /// checksum): entries among them are forgotten, the cursor moves to `to`, and the ones not
+    /// settled before count as lost.
+    Lost {
+        /// First offset lost.
+        from: u64,
+        /// Offset after the last one lost.
+        to: u64,
+        /// How many of them count as lost (entries and offsets past the cursor).
+        count: u64,
+    },
 }
 
 const SNAPSHOT: u8 = 1;
@@ -199,6 +214,7 @@ const LOCK: u8 = 2;
 const AVAILABLE: u8 = 3;
 const ACK: u8 = 4;
 const SETTLED: u8 = 5;
+const LOST: u8 = 6;
 
 struct Reader<'a>(&'a [u8]);
 
@@ -243,6 +259,7 @@ impl Op {
                     counters.acked,
                     counters.dead_lettered,
                     counters.dropped,
+                    counters.lost,
                 ] {
                     out.extend_from_slice(&v.to_le_bytes());
                 }
@@ -285,6 +302,12 @@ impl Op {
                 out.extend_from_slice(&offset.to_le_bytes());
                 out.push(u8::from(dead_lettered));
             }
+            Op::Lost { from, to, count } => {
+                out.push(LOST);
+                for v in [from, to, count] {
+                    out.extend_from_slice(&v.to_le_bytes());
+                }
+            }
         }
         out
     }
@@ -303,6 +326,8 @@ impl Op {
                     acked: r.u64()?,
                     dead_lettered: r.u64()?,
                     dropped: r.u64()?,
+                    // Snapshots written before `lost` existed end here.
+                    lost: if r.0.is_empty() { 0 } else { r.u64()? },
                 },
             },
             LOCK => Op::Lock {
@@ -330,6 +355,11 @@ impl Op {
                     dead_lettered: flag == 1,
                 }
             }
+            LOST => Op::Lost {
+                from: r.u64()?,
+                to: r.u64()?,
+                count: r.u64()?,
+            },
             other => return Err(format!("unknown state record kind {other}")),
         };
         if !r.0.is_empty() {
@@ -423,6 +453,7 @@ impl SubState {
                     }
                     state.cursor = state.cursor.max(offset + 1);
                 }
+                Op::Lost { from, to, count } => state.apply_lost(from, to, count),
                 Op::Lock { .. } | Op::Available { .. } => {}
             }
         }
@@ -525,11 +556,6 @@ impl SubState {
             .filter(|e| matches!(e.state, EntryState::Locked { until_ms, .. } if until_ms > now_ms))
             .count() as u64;
         (locked, self.entries.len() as u64 - locked)
-    }
-
-    /// Moves the cursor up to `offset` (events below it are gone, e.g. by retention).
-    pub fn skip_to(&mut self, offset: u64) {
-        self.cursor = self.cursor.max(offset);
     }
 
     /// True when an event can be delivered now without looking at new data.
@@ -787,15 +813,28 @@ impl SubState {
         })
     }
 
-    /// Drops an unsettled event whose data is gone (retention deleted it), whatever its state.
-    pub fn forget(&mut self, offset: u64) -> Option<Op> {
-        self.entries.remove(&offset)?;
-        self.ready.remove(&offset);
-        self.count_settled(false);
-        Some(Op::Settled {
-            offset,
-            dead_lettered: false,
-        })
+    /// Gives up offsets `from..to` that can no longer be read (retention removed them, or they
+    /// fail their checksum): unsettled entries among them, whatever their state, and offsets
+    /// the cursor had not reached count as lost. Returns the record, if anything changed.
+    pub fn lose(&mut self, from: u64, to: u64) -> Option<Op> {
+        let entries = self.entries.range(from..to).count() as u64;
+        let unread = to.saturating_sub(self.cursor.max(from));
+        if entries + unread == 0 {
+            return None;
+        }
+        let count = entries + unread;
+        self.apply_lost(from, to, count);
+        Some(Op::Lost { from, to, count })
+    }
+
+    fn apply_lost(&mut self, from: u64, to: u64, count: u64) {
+        let gone: Vec<u64> = self.entries.range(from..to).map(|(&o, _)| o).collect();
+        for offset in gone {
+            self.entries.remove(&offset);
+            self.ready.remove(&offset);
+        }
+        self.cursor = self.cursor.max(to);
+        self.counters.lost += count;
     }
 }
 
@@ -826,7 +865,13 @@ mod tests {
                     acked: 2,
                     dead_lettered: 3,
                     dropped: 4,
+                    lost: 6,
                 },
+            },
+            Op::Lost {
+                from: 3,
+                to: 30,
+                count: 28,
             },
             Op::Lock {
                 offset: 5,
@@ -931,6 +976,40 @@ mod tests {
         assert_eq!(dl.delivery_count, 2);
         assert!(s.settle(11, false).is_some());
         assert_eq!(s.counters().dropped, 1);
+    }
+
+    #[test]
+    fn offsets_lost_to_retention_are_counted_and_replayed() {
+        let cfg = config();
+        let mut nonces = Nonces::new(3);
+        let mut s = SubState::new(0);
+        let mut ops = vec![s.snapshot()[0]];
+        for offset in 0..4 {
+            let Offer::Locked(_, op) = s.offer(offset, 0, true, 0, &cfg, &mut nonces) else {
+                panic!("offset {offset} is locked");
+            };
+            ops.push(op);
+        }
+        assert_eq!(s.offer(4, 0, false, 0, &cfg, &mut nonces), Offer::Skipped);
+        // Retention removes 0..10: four locked events, and five offsets never read.
+        ops.push(s.lose(0, 10).expect("something is lost"));
+        assert_eq!(s.counters().lost, 9);
+        assert_eq!((s.unsettled(), s.cursor()), (0, 10));
+        assert_eq!(s.lose(0, 10), None, "nothing more to lose");
+        let replayed = replayed(&ops);
+        assert_eq!(replayed.counters(), s.counters());
+        assert_eq!((replayed.unsettled(), replayed.cursor()), (0, 10));
+        // A snapshot written before `lost` existed reads as 0 lost.
+        let mut old = Op::Snapshot {
+            floor: 1,
+            cursor: 2,
+            counters: Counters::default(),
+        }
+        .encode();
+        old.truncate(old.len() - 8);
+        assert!(
+            matches!(Op::decode(&old), Ok(Op::Snapshot { counters, .. }) if counters.lost == 0)
+        );
     }
 
     #[test]

@@ -545,7 +545,8 @@ class Client:
                 info = r.Subscriptions(i)
                 s = info.Stats()
                 stats = None if s is None else SubscriptionStats(
-                    s.Locked(), s.Backlog(), s.Acked(), s.DeadLettered(), s.Dropped())
+                    s.Locked(), s.Backlog(), s.Acked(), s.DeadLettered(), s.Dropped(),
+                    s.Lost())
                 out.append(SubscriptionInfo(_subscription_from(info.Subscription()), stats))
             return out
 

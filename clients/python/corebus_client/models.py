@@ -129,6 +129,8 @@ class SubscriptionStats:
     acked: int
     dead_lettered: int
     dropped: int
+    #: Offsets lost before they were settled (retention, or a range failing its checksum).
+    lost: int
 
 
 @dataclass(frozen=True)

@@ -111,6 +111,7 @@ pub(super) async fn list(
                         acked: f.acked,
                         dead_lettered: f.dead_lettered,
                         dropped: f.dropped,
+                        lost: f.lost,
                     },
                 )
             });

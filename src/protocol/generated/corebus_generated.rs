@@ -3974,6 +3974,7 @@ impl<'a> SubscriptionStats<'a> {
   pub const VT_ACKED: ::flatbuffers::VOffsetT = 8;
   pub const VT_DEAD_LETTERED: ::flatbuffers::VOffsetT = 10;
   pub const VT_DROPPED: ::flatbuffers::VOffsetT = 12;
+  pub const VT_LOST: ::flatbuffers::VOffsetT = 14;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3985,6 +3986,7 @@ impl<'a> SubscriptionStats<'a> {
     args: &'args SubscriptionStatsArgs
   ) -> ::flatbuffers::WIPOffset<SubscriptionStats<'bldr>> {
     let mut builder = SubscriptionStatsBuilder::new(_fbb);
+    builder.add_lost(args.lost);
     builder.add_dropped(args.dropped);
     builder.add_dead_lettered(args.dead_lettered);
     builder.add_acked(args.acked);
@@ -4034,6 +4036,15 @@ impl<'a> SubscriptionStats<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(SubscriptionStats::VT_DROPPED, Some(0)).unwrap()}
   }
+  /// Offsets lost before they were settled: removed by retention (or unreadable, failing
+  /// their checksum) while unsettled or before the subscription read them.
+  #[inline]
+  pub fn lost(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(SubscriptionStats::VT_LOST, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for SubscriptionStats<'_> {
@@ -4047,6 +4058,7 @@ impl ::flatbuffers::Verifiable for SubscriptionStats<'_> {
      .visit_field::<u64>("acked", Self::VT_ACKED, false)?
      .visit_field::<u64>("dead_lettered", Self::VT_DEAD_LETTERED, false)?
      .visit_field::<u64>("dropped", Self::VT_DROPPED, false)?
+     .visit_field::<u64>("lost", Self::VT_LOST, false)?
      .finish();
     Ok(())
   }
@@ -4057,6 +4069,7 @@ pub struct SubscriptionStatsArgs {
     pub acked: u64,
     pub dead_lettered: u64,
     pub dropped: u64,
+    pub lost: u64,
 }
 impl<'a> Default for SubscriptionStatsArgs {
   #[inline]
@@ -4067,6 +4080,7 @@ impl<'a> Default for SubscriptionStatsArgs {
       acked: 0,
       dead_lettered: 0,
       dropped: 0,
+      lost: 0,
     }
   }
 }
@@ -4097,6 +4111,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscriptionStatsBuilder<'a, 
     self.fbb_.push_slot::<u64>(SubscriptionStats::VT_DROPPED, dropped, 0);
   }
   #[inline]
+  pub fn add_lost(&mut self, lost: u64) {
+    self.fbb_.push_slot::<u64>(SubscriptionStats::VT_LOST, lost, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscriptionStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SubscriptionStatsBuilder {
@@ -4119,6 +4137,7 @@ impl ::core::fmt::Debug for SubscriptionStats<'_> {
       ds.field("acked", &self.acked());
       ds.field("dead_lettered", &self.dead_lettered());
       ds.field("dropped", &self.dropped());
+      ds.field("lost", &self.lost());
       ds.finish()
   }
 }

@@ -1877,8 +1877,17 @@ class SubscriptionStats(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # Offsets lost before they were settled: removed by retention (or unreadable, failing
+    # their checksum) while unsettled or before the subscription read them.
+    # SubscriptionStats
+    def Lost(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def SubscriptionStatsStart(builder):
-    builder.StartObject(5)
+    builder.StartObject(6)
 
 def SubscriptionStatsAddLocked(builder, locked):
     builder.PrependUint64Slot(0, locked, 0)
@@ -1894,6 +1903,9 @@ def SubscriptionStatsAddDeadLettered(builder, deadLettered):
 
 def SubscriptionStatsAddDropped(builder, dropped):
     builder.PrependUint64Slot(4, dropped, 0)
+
+def SubscriptionStatsAddLost(builder, lost):
+    builder.PrependUint64Slot(5, lost, 0)
 
 def SubscriptionStatsEnd(builder):
     return builder.EndObject()
