@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::rc::{Rc, Weak};
 
-use crate::storage::{disk_trace, Durability, SnapshotSource, StateLog, StorageError};
+use crate::storage::{disk_trace, Durability, SnapshotSource, StateLog, StorageError, SyncHealth};
 
 /// Longest consumer-group name accepted, in bytes.
 pub const MAX_GROUP_NAME_BYTES: usize = 255;
@@ -78,9 +78,13 @@ impl SnapshotSource for GroupOffsets {
 
 impl GroupOffsets {
     /// Opens (or creates) the offsets of the partition whose directory is `dir`.
-    pub async fn open(dir: &Path, durability: Durability) -> Result<Rc<Self>, StorageError> {
+    pub async fn open(
+        dir: &Path,
+        durability: Durability,
+        health: Rc<SyncHealth>,
+    ) -> Result<Rc<Self>, StorageError> {
         let path = offsets_path(dir);
-        let (store, offsets) = match StateLog::open(&path, durability).await? {
+        let (store, offsets) = match StateLog::open(&path, durability, Rc::clone(&health)).await? {
             Some((store, records)) => {
                 let mut offsets = BTreeMap::new();
                 for r in &records {
@@ -92,7 +96,7 @@ impl GroupOffsets {
                 (store, offsets)
             }
             None => (
-                StateLog::create(&path, Vec::new(), durability).await?,
+                StateLog::create(&path, Vec::new(), durability, health).await?,
                 BTreeMap::new(),
             ),
         };

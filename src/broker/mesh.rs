@@ -171,6 +171,14 @@ pub enum ShardMessage {
         /// Per-partition outcome.
         reply: oneshot::Sender<Vec<(u32, Result<(), ApiError>)>>,
     },
+    /// A sync on the data device failed on shard `from`: the receiver's logs turn read-only
+    /// too (see `storage::sync_health`).
+    DeviceFailed {
+        /// The shard that saw the failure.
+        from: usize,
+        /// What failed.
+        what: String,
+    },
     /// Read consumer-group offsets of partitions the receiver owns.
     FetchOffsets {
         /// Consumer group.
@@ -308,5 +316,6 @@ async fn handle(shard: &Shard, msg: ShardMessage) {
         } => {
             let _ = reply.send(shard.fetch_offsets_local(&group, &topic, partitions).await);
         }
+        ShardMessage::DeviceFailed { from, what } => shard.sync_health().poison_from(from, &what),
     }
 }

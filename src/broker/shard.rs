@@ -168,6 +168,15 @@ impl Shard {
             in_flight: Cell::new(0),
             subs: SubscriptionRegistry::default(),
         });
+        // The shards share the data device: the first failed sync this shard sees is told to
+        // every other shard.
+        let weak = Rc::downgrade(&shard);
+        shard.sync_health.on_first_failure(Box::new(move |what| {
+            if let Some(shard) = weak.upgrade() {
+                let what = what.to_string();
+                glommio::spawn_local(async move { shard.tell_device_failed(what).await }).detach();
+            }
+        }));
         for (name, config) in catalog.topics {
             shard
                 .apply_topic_change(TopicChange::Created { name, config })
@@ -229,6 +238,11 @@ impl Shard {
         self.in_flight.get()
     }
 
+    /// The shard's record of failed syncs on the data device.
+    pub(super) fn sync_health(&self) -> Rc<SyncHealth> {
+        Rc::clone(&self.sync_health)
+    }
+
     /// Partition count of `topic`, if it exists.
     pub fn topic_partitions(&self, topic: &str) -> Option<u32> {
         self.topics.borrow().get(topic).map(|c| c.partitions)
@@ -286,6 +300,19 @@ impl Shard {
                 format!("shard {shard} is not reachable"),
             )
         })
+    }
+
+    /// Tells every other shard that a sync on the data device failed here.
+    async fn tell_device_failed(&self, what: String) {
+        for other in (0..self.count).filter(|&s| s != self.id) {
+            let msg = ShardMessage::DeviceFailed {
+                from: self.id,
+                what: what.clone(),
+            };
+            if let Err(e) = self.send_to(other, msg).await {
+                tracing::warn!("telling shard {other} of the failed sync: {}", e.message);
+            }
+        }
     }
 
     /// Sends a request to another shard and waits for its reply; `make` builds the message

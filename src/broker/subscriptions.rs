@@ -210,6 +210,7 @@ impl Shard {
         PartitionLimits {
             max_unsettled: self.config.max_unsettled_per_partition,
             durability: self.config.durability,
+            sync_health: self.sync_health(),
         }
     }
 
@@ -1110,7 +1111,7 @@ impl Shard {
             ));
         };
         let dir = log.dir().to_path_buf();
-        let groups = GroupOffsets::open(&dir, self.config.durability)
+        let groups = GroupOffsets::open(&dir, self.config.durability, self.sync_health())
             .await
             .map_err(storage_to_api)?;
         if self.topic_partitions(topic).is_none() {

@@ -607,7 +607,11 @@ impl PartitionLog {
                 None => filler.write_at(start_pos).await,
             };
             let result = match written {
-                Err(e) => Err((e, false)),
+                // EIO: the device failed the write, and may lose what it had accepted.
+                Err(e) => {
+                    let fatal = e.is_device_failure();
+                    Err((e, fatal))
+                }
                 Ok(()) if self.config.durability == Durability::Sync => {
                     match self.sync(&file, shared_sync).await {
                         Ok(SyncedBy::OwnFile) => {

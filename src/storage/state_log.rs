@@ -42,7 +42,7 @@ use futures::channel::oneshot;
 use glommio::io::BufferedFile;
 
 use super::disk_trace::{self, Op, WriteData};
-use super::{dma, Durability, StorageError};
+use super::{dma, Durability, StorageError, SyncHealth};
 
 /// Longest record accepted when reading back (a longer length prefix is a torn tail).
 pub const MAX_RECORD_BYTES: usize = 1 << 20;
@@ -221,6 +221,9 @@ struct Inner {
 pub struct StateLog {
     path: PathBuf,
     durability: Durability,
+    /// The shard's record of failed syncs on the data device: this log's failed sync
+    /// poisons it, and nothing is reported durable once it is poisoned.
+    health: Rc<SyncHealth>,
     inner: RefCell<Inner>,
     source: RefCell<Option<Weak<dyn SnapshotSource>>>,
 }
@@ -253,6 +256,7 @@ impl StateLog {
         path: &Path,
         records: Vec<Vec<u8>>,
         durability: Durability,
+        health: Rc<SyncHealth>,
     ) -> Result<Rc<Self>, StorageError> {
         let bytes = snapshot_bytes(&records);
         let owned = path.to_path_buf();
@@ -267,7 +271,7 @@ impl StateLog {
             })
             .await?;
         let file = open_for_append(path).await?;
-        Ok(Self::with_file(path, file, len, durability))
+        Ok(Self::with_file(path, file, len, durability, health))
     }
 
     /// Opens the file at `path` and returns it with the payloads of its valid records; a
@@ -276,6 +280,7 @@ impl StateLog {
     pub async fn open(
         path: &Path,
         durability: Durability,
+        health: Rc<SyncHealth>,
     ) -> Result<Option<(Rc<Self>, Vec<Vec<u8>>)>, StorageError> {
         let owned = path.to_path_buf();
         let loaded = glommio::executor()
@@ -324,7 +329,7 @@ impl StateLog {
             return Ok(None);
         };
         let file = open_for_append(path).await?;
-        let log = Self::with_file(path, file, len, durability);
+        let log = Self::with_file(path, file, len, durability, health);
         // Unknown history: compact at the next flush if the file is already large.
         log.inner.borrow_mut().snapshot_bytes = 0;
         Ok(Some((log, records)))
@@ -335,10 +340,12 @@ impl StateLog {
         file: Rc<BufferedFile>,
         len: u64,
         durability: Durability,
+        health: Rc<SyncHealth>,
     ) -> Rc<Self> {
         Rc::new(Self {
             path: path.to_path_buf(),
             durability,
+            health,
             inner: RefCell::new(Inner {
                 file: Some(file),
                 pending: Vec::new(),
@@ -482,13 +489,14 @@ impl StateLog {
         }
     }
 
-    /// Writes `bytes` at `at` (the end of the file) and, in `sync` mode, syncs.
+    /// Writes `bytes` at `at` (the end of the file) and, in `sync` mode, syncs. An error comes
+    /// with whether it says the device failed (a sync error, or `EIO` from the write).
     async fn write_and_sync(
         &self,
         file: &BufferedFile,
         mut bytes: Vec<u8>,
         mut at: u64,
-    ) -> Result<(), StorageError> {
+    ) -> Result<(), (StorageError, bool)> {
         let context = || format!("appending to {}", self.path.display());
         while !bytes.is_empty() {
             let pending = disk_trace::begin(|| Op::Write {
@@ -499,13 +507,18 @@ impl StateLog {
             });
             let n = file.write_at(bytes.clone(), at).await;
             disk_trace::end(pending, matches!(n, Ok(n) if n == bytes.len()));
-            let n = n.map_err(|e| StorageError::glommio(context(), e))?;
+            let n = n.map_err(|e| {
+                let e = StorageError::glommio(context(), e);
+                let device = e.is_device_failure();
+                (e, device)
+            })?;
             if n == 0 {
-                return Err(StorageError::Io {
+                let full = StorageError::Io {
                     context: context(),
                     errno: Some(libc::ENOSPC),
                     message: "short write".into(),
-                });
+                };
+                return Err((full, false));
             }
             bytes.drain(..n);
             at += n as u64;
@@ -517,7 +530,8 @@ impl StateLog {
             let synced = file.fdatasync().await;
             disk_trace::end(pending, synced.is_ok());
             synced.map_err(|e| {
-                StorageError::glommio(format!("syncing {}", self.path.display()), e)
+                let e = StorageError::glommio(format!("syncing {}", self.path.display()), e);
+                (e, true)
             })?;
         }
         Ok(())
@@ -525,7 +539,21 @@ impl StateLog {
 
     async fn write(&self, file: &BufferedFile, bytes: Vec<u8>, at: u64, seq: u64) {
         let len = bytes.len() as u64;
-        let result = self.write_and_sync(file, bytes, at).await;
+        let result = match self.write_and_sync(file, bytes, at).await {
+            Err((error, true)) => {
+                self.health
+                    .poison(&format!("{}: {error}", self.path.display()));
+                Err(error)
+            }
+            Err((error, false)) => Err(error),
+            // Another sync on the device failed meanwhile: this write may be gone with it.
+            Ok(()) => match self.health.failure() {
+                Some(why) => Err(StorageError::ReadOnly(format!(
+                    "a sync on the data device failed: {why}"
+                ))),
+                None => Ok(()),
+            },
+        };
         let mut inner = self.inner.borrow_mut();
         match result {
             Ok(()) => {
@@ -636,7 +664,7 @@ mod tests {
             .make()
             .expect("executor");
         let (expected, size, reopened) = ex.run(async move {
-            let log = StateLog::create(&path, Vec::new(), Durability::Write)
+            let log = StateLog::create(&path, Vec::new(), Durability::Write, Rc::default())
                 .await
                 .expect("create");
             let map = Rc::new(Map {
@@ -662,7 +690,7 @@ mod tests {
             let size = log.size_bytes();
             let expected = map.entries.borrow().clone();
             drop(log);
-            let (_, records) = StateLog::open(&path, Durability::Write)
+            let (_, records) = StateLog::open(&path, Durability::Write, Rc::default())
                 .await
                 .expect("open")
                 .expect("exists");

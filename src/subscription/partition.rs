@@ -20,7 +20,9 @@ use futures::channel::oneshot;
 use super::state::{Lease, LockError, Offer, Op, SubState};
 use super::{DeadLetter, LockToken, Nonces, SubscriptionConfig};
 use crate::record::{Batch, BatchHeader};
-use crate::storage::{Durability, PartitionLog, SnapshotSource, StateLog, StorageError};
+use crate::storage::{
+    Durability, PartitionLog, SnapshotSource, StateLog, StorageError, SyncHealth,
+};
 
 /// Bytes of log read per scan step.
 const SCAN_BYTES: usize = 256 * 1024;
@@ -28,13 +30,15 @@ const SCAN_BYTES: usize = 256 * 1024;
 const MAX_SCAN_STEPS: usize = 16;
 
 /// Limits of one subscription partition.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct PartitionLimits {
     /// New events are not locked while this many are unsettled (bounds memory when receivers
     /// neither ack nor let events expire).
     pub max_unsettled: usize,
     /// How state records are made durable.
     pub durability: Durability,
+    /// The shard's record of failed syncs on the data device.
+    pub sync_health: Rc<SyncHealth>,
 }
 
 /// An event locked for a receiver.
@@ -163,7 +167,8 @@ impl SubscriptionPartition {
         limits: PartitionLimits,
     ) -> Result<Rc<Self>, StorageError> {
         let path = state_path(dir, name);
-        let (store, state) = match StateLog::open(&path, limits.durability).await? {
+        let health = || Rc::clone(&limits.sync_health);
+        let (store, state) = match StateLog::open(&path, limits.durability, health()).await? {
             Some((store, records)) => {
                 let state = SubState::replay(records.iter().map(Vec::as_slice))
                     .map_err(|e| StorageError::Corrupt(format!("{}: {e}", path.display())))?;
@@ -177,7 +182,7 @@ impl SubscriptionPartition {
                 let state = SubState::new(start);
                 let records = state.snapshot().iter().map(Op::encode).collect();
                 (
-                    StateLog::create(&path, records, limits.durability).await?,
+                    StateLog::create(&path, records, limits.durability, health()).await?,
                     state,
                 )
             }
