@@ -1,6 +1,6 @@
 //! Writes the seed corpus of the fuzz targets (fuzz/corpus/<target>/): valid frames of every
-//! request kind built as the client builds them, valid record batches, and valid segment
-//! files. Run from the repository root:
+//! request kind built as the client builds them, valid record batches, valid segment files and
+//! valid state logs. Run from the repository root:
 //!
 //! ```text
 //! cargo run --example fuzz_seeds -- fuzz/corpus
@@ -12,6 +12,8 @@ use corebus::protocol::message::finish_request;
 use corebus::protocol::wire;
 use corebus::record::batch::stamp;
 use corebus::record::{BatchBuilder, RecordWriter, HEADER_LEN};
+use corebus::storage::state_log;
+use corebus::subscription::state::{Counters, Op};
 use flatbuffers::FlatBufferBuilder;
 
 fn batch(values: &[&str], with_extras: bool) -> Vec<u8> {
@@ -285,4 +287,53 @@ fn main() {
     }
     indexed.extend_from_slice(&file);
     write(&segments, "with-index", &indexed);
+
+    // State logs: a snapshot group of subscription records, then one group per write; and a
+    // file of bare records, as written before groups.
+    let states = root.join("state_log");
+    let records: Vec<Vec<u8>> = [
+        Op::Snapshot {
+            floor: 3,
+            cursor: 9,
+            counters: Counters::default(),
+        },
+        Op::Lock {
+            offset: 4,
+            delivery_count: 1,
+            nonce: 77,
+            until_ms: 1_000,
+            timestamp_ms: 5,
+        },
+        Op::Ack { offset: 4 },
+        Op::Lost {
+            from: 5,
+            to: 9,
+            count: 4,
+        },
+    ]
+    .iter()
+    .map(Op::encode)
+    .collect();
+    let mut grouped = state_group(&records[..1], true);
+    grouped.extend_from_slice(&state_group(&records[1..3], false));
+    grouped.extend_from_slice(&state_group(&records[3..], false));
+    write(&states, "groups", &grouped);
+    let mut bare = Vec::new();
+    for r in &records {
+        state_log::frame(r, &mut bare);
+    }
+    write(&states, "bare-records", &bare);
+}
+
+/// One state-log group (as `storage::state_log` writes a write or a snapshot).
+fn state_group(records: &[Vec<u8>], sealed: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    for r in records {
+        state_log::frame(r, &mut body);
+    }
+    let word = (1u32 << 31) | if sealed { 1 << 30 } else { 0 } | body.len() as u32;
+    let mut group = word.to_le_bytes().to_vec();
+    group.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+    group.extend_from_slice(&body);
+    group
 }

@@ -340,3 +340,77 @@ fn clients_that_pipeline_fetches_and_read_nothing_hold_bounded_memory() {
     drop(hostile);
     assert!(broker.rss_kib() > 0, "the broker is still up");
 }
+
+/// A produce request with batches for two partitions, `small` for partition 0 and `big` for 1.
+fn two_partition_produce(id: u64, topic: &str, small: &[u8], big: &[u8]) -> Vec<u8> {
+    use corebus::protocol::wire;
+    let mut fbb = flatbuffers::FlatBufferBuilder::with_capacity(small.len() + big.len() + 256);
+    let mut parts = Vec::new();
+    for (partition, batches) in [(0, small), (1, big)] {
+        let batches = fbb.create_vector(batches);
+        parts.push(wire::PartitionProduce::create(
+            &mut fbb,
+            &wire::PartitionProduceArgs {
+                partition,
+                batches: Some(batches),
+            },
+        ));
+    }
+    let parts = fbb.create_vector(&parts);
+    let topic = fbb.create_string(topic);
+    let body = wire::ProduceRequest::create(
+        &mut fbb,
+        &wire::ProduceRequestArgs {
+            topic: Some(topic),
+            partitions: Some(parts),
+        },
+    );
+    let frame = corebus::protocol::message::finish_request(
+        fbb,
+        id,
+        wire::RequestBody::ProduceRequest,
+        body.as_union_value(),
+    );
+    frame.as_bytes()[4..].to_vec()
+}
+
+/// Issue 16, finding 9: a tiny batch cached by its partition must not keep its whole request
+/// in memory. Each request here carries 60 bytes for partition 0 and 1 MiB for partition 1:
+/// partition 0's cache, which counts bytes, would otherwise hold every request's megabyte.
+#[test]
+fn a_tiny_cached_batch_does_not_pin_its_whole_request() {
+    const REQUESTS: u64 = 300;
+    let broker = Broker::start("pinned-frames", 1, &[]);
+    ok_stdout(&broker.cli(&["topic", "create", "pin", "--partitions", "2"], ""));
+    let batch = |value: &[u8]| {
+        let mut b = BatchBuilder::new();
+        b.push(&RecordWriter {
+            timestamp_ms: 1,
+            value,
+            ..RecordWriter::default()
+        });
+        b.finish()
+    };
+    let small = batch(&[b's'; 60]);
+    let big = batch(&vec![b'b'; 1 << 20]);
+    let mut s = connect(&broker.addr());
+    // One request first, so that what a flush allocates once is in the baseline.
+    let before_kib = {
+        let reply = raw_round_trip(&mut s, &two_partition_produce(1, "pin", &small, &big));
+        assert!(reply.is_some());
+        broker.rss_kib()
+    };
+    for id in 2..=REQUESTS {
+        let reply = raw_round_trip(&mut s, &two_partition_produce(id, "pin", &small, &big))
+            .expect("a reply");
+        let response = parse_response(&reply).expect("valid");
+        assert!(ApiError::from_wire(response.error()).is_none());
+    }
+    let grown_mib = broker.rss_kib().saturating_sub(before_kib) / 1024;
+    println!("broker RSS grew by {grown_mib} MiB over {REQUESTS} requests");
+    // Partition 1's cache holds its 8 MiB; partition 0's would hold 300 MiB of requests.
+    assert!(
+        grown_mib < 100,
+        "RSS grew by {grown_mib} MiB: cached tiny batches keep their requests"
+    );
+}

@@ -318,6 +318,24 @@ fn fdatasync_eio_is_fatal_for_the_partition_never_retried_never_acknowledged() {
     }
 }
 
+/// Kills the broker, restarts it without failure probes (the disk "repaired") and returns
+/// every (partition, offset, value) of `topic`, sorted.
+fn restart_on_a_repaired_disk(broker: &mut Broker, topic: &str) -> Vec<(u32, u64, String)> {
+    broker.kill9();
+    broker.set_env(&[]);
+    broker.restart();
+    let out = ok_stdout(&broker.cli(
+        &["consume", topic, "--format", "json", "--idle-timeout", "1s"],
+        "",
+    ));
+    let mut got: Vec<(u32, u64, String)> = parse_consumed(&out)
+        .into_iter()
+        .map(|c| (c.partition, c.offset, c.value))
+        .collect();
+    got.sort();
+    got
+}
+
 /// Issue 16, finding 3 (fsyncgate): a failed sync says the device may have lost writes of
 /// every file on it, so every partition of the shard turns read-only, not only the one whose
 /// sync failed; acknowledged data survives, and a restart on a repaired disk writes again.
@@ -362,18 +380,7 @@ fn a_failed_sync_turns_every_partition_of_the_shard_read_only() {
         .log_text()
         .contains("every partition and subscription state of the shard is now read-only"));
 
-    broker.kill9();
-    broker.set_env(&[]);
-    broker.restart();
-    let out = ok_stdout(&broker.cli(
-        &["consume", "d", "--format", "json", "--idle-timeout", "1s"],
-        "",
-    ));
-    let mut got: Vec<(u32, u64, String)> = parse_consumed(&out)
-        .into_iter()
-        .map(|c| (c.partition, c.offset, c.value))
-        .collect();
-    got.sort();
+    let mut got = restart_on_a_repaired_disk(&mut broker, "d");
     // a1 was written but its sync failed: never acknowledged, it may or may not be there
     // (at-least-once). b1 was refused before any write.
     got.retain(|(p, o, _)| (*p, *o) != (0, 1));
@@ -438,18 +445,7 @@ fn a_write_eio_on_one_shard_turns_every_shard_read_only() {
         "{stderr}"
     );
 
-    broker.kill9();
-    broker.set_env(&[]);
-    broker.restart();
-    let out = ok_stdout(&broker.cli(
-        &["consume", "w", "--format", "json", "--idle-timeout", "1s"],
-        "",
-    ));
-    let mut got: Vec<(u32, u64, String)> = parse_consumed(&out)
-        .into_iter()
-        .map(|c| (c.partition, c.offset, c.value))
-        .collect();
-    got.sort();
+    let mut got = restart_on_a_repaired_disk(&mut broker, "w");
     // a2 and b1 were never acknowledged: they may or may not be there (at-least-once).
     got.retain(|(p, o, _)| (*p, *o) != (0, 2) && (*p, *o) != (1, 1));
     let acked = vec![

@@ -69,6 +69,7 @@ fn parse(mut data: &[u8]) -> Option<Input<'_>> {
             segment_base: 0,
             durable_end: u64::from(u32_at(raw, 0)),
             next_offset: u64::from(u32_at(raw, 4)),
+            log_start: 0,
             clean: flags & 2 != 0,
         })
     } else {

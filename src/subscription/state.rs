@@ -770,7 +770,7 @@ impl SubState {
     ) -> Result<(Op, i64), LockError> {
         let entry = self.locked(offset, nonce, now_ms)?;
         let until_ms = now_ms + i64::from(lock_ms);
-        entry.state = EntryState::Locked { nonce, until_ms };
+        let old = std::mem::replace(&mut entry.state, EntryState::Locked { nonce, until_ms });
         let op = Op::Lock {
             offset,
             delivery_count: entry.delivery_count,
@@ -778,6 +778,11 @@ impl SubState {
             until_ms,
             timestamp_ms: entry.timestamp_ms,
         };
+        // The old lock's timer goes: a client renewing often would otherwise pile up one
+        // entry per renewal until each old lock end.
+        if let EntryState::Locked { until_ms: old, .. } = old {
+            self.timers.remove(&(old, offset));
+        }
         self.timers.insert((until_ms, offset));
         Ok((op, until_ms))
     }
@@ -976,6 +981,21 @@ mod tests {
         assert_eq!(dl.delivery_count, 2);
         assert!(s.settle(11, false).is_some());
         assert_eq!(s.counters().dropped, 1);
+    }
+
+    #[test]
+    fn renewing_a_lock_keeps_one_timer() {
+        let cfg = config();
+        let mut nonces = Nonces::new(5);
+        let mut s = SubState::new(0);
+        let Offer::Locked(lease, _) = s.offer(0, 0, true, 0, &cfg, &mut nonces) else {
+            panic!("locked");
+        };
+        for now in 1..1_000 {
+            s.renew(0, lease.nonce, now, 60_000).expect("renewed");
+        }
+        assert_eq!(s.timers.len(), 1);
+        assert_eq!(s.next_due_ms(), Some(999 + 60_000));
     }
 
     #[test]

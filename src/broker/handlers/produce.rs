@@ -9,6 +9,18 @@ use crate::protocol::frame::OutFrame;
 use crate::protocol::message::{finish_response, ApiError};
 use crate::protocol::wire;
 
+/// A partition's batches out of the received frame. They stay inside it (no copy until the
+/// storage flush) when they are most of it; a smaller share is copied out, since the log's
+/// cache keeps what it is given and counts only the batches' bytes: a tiny cached batch would
+/// otherwise keep a whole request of up to `--max-frame-bytes` in memory.
+fn keep_batches(frame: &Bytes, batches: &[u8]) -> Bytes {
+    if batches.len() * 2 >= frame.len() {
+        frame.slice_ref(batches)
+    } else {
+        Bytes::copy_from_slice(batches)
+    }
+}
+
 pub(super) async fn handle(
     shard: &Shard,
     id: u64,
@@ -19,8 +31,7 @@ pub(super) async fn handle(
     let mut parts = Vec::new();
     for p in req.partitions().iter().flatten() {
         let batches = p.batches().map(|v| v.bytes()).unwrap_or_default();
-        // The batches stay inside the received frame: no copy until the storage flush.
-        parts.push((p.partition(), frame.slice_ref(batches)));
+        parts.push((p.partition(), keep_batches(frame, batches)));
     }
     if parts.is_empty() {
         return Err(ApiError::new(
