@@ -225,6 +225,46 @@ fn damage_past_the_checkpoint_followed_by_valid_batches_is_corruption_not_a_torn
     .expect("executor");
 }
 
+/// As above with the damage in the batch's header: nothing tells where the batch ends, but a
+/// valid batch of later offsets further on says the damaged one was written before it, so it
+/// is corruption too, and what follows it (acknowledged within the last second) is kept.
+#[test]
+fn a_damaged_header_past_the_checkpoint_followed_by_valid_batches_is_corruption() {
+    corebus::runtime::block_on(None, async {
+        prime_direct_io().await;
+        let dir = common::fresh_dir("scan-damaged-header");
+        let ends = write_log(&dir, 40).await;
+        let path = dir.join(SEGMENT);
+        let mut bytes = std::fs::read(&path).expect("segment");
+        bytes[ends[35] as usize + 28] ^= 0x7f; // batch 36's magic: its header is not valid
+        std::fs::write(&path, &bytes).expect("write");
+        let mut c = Checkpoint::load(&dir).expect("checkpoint");
+        c.clean = false;
+        c.durable_end = ends[34];
+        c.next_offset = 35 * 3;
+        c.save(&dir).expect("save");
+
+        let log = PartitionLog::open(&dir, config()).await.expect("opens");
+        assert_eq!(log.high_watermark(), 120, "nothing acknowledged is cut");
+        assert_eq!(log.stats().corrupt_ranges, 1);
+        let err = log
+            .fetch(108, 1 << 20, Duration::ZERO)
+            .await
+            .expect_err("corrupt");
+        assert!(err.to_string().contains("108..=110"), "{err}");
+        let after = log
+            .fetch(111, 1 << 20, Duration::ZERO)
+            .await
+            .expect("after");
+        let served: u32 = BatchIter::new(&after.batches.contiguous())
+            .map(|b| b.expect("ok").header().record_count())
+            .sum();
+        assert_eq!(served, 9, "the three batches after the damage are served");
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .expect("executor");
+}
+
 /// Regression (found by the `segment_recovery` fuzz target): damaged bytes in acknowledged
 /// data that hold no offset, i.e. the next valid batch is the one the scan expects. Recovery
 /// used to report the range `expected..=next - 1`: an overflow panic for offset 0 (debug

@@ -130,17 +130,24 @@ pub async fn scan_segment(
                 at += blen;
                 continue;
             }
-            // Past the durable point an invalid batch is a torn tail, unless it is damaged
-            // inside an intact header and the batch right after it is valid and continues
-            // its offsets: with `--durability sync` a flush writes only after the one before
-            // it synced, so the bad batch was most likely acknowledged after the last
-            // checkpoint was written. (Both could also be the torn write of one flush: then
-            // a never-acknowledged batch is refused as corrupt, which loses nothing.)
+            // Past the durable point an invalid batch is a torn tail, unless valid batches
+            // follow it: the batch right after it, continuing its offsets, when its header
+            // is intact; a valid batch of later offsets further on, when its header is
+            // damaged. With `--durability sync` a flush writes only after the one before it
+            // synced, so the bad batch was most likely acknowledged after the last checkpoint
+            // was written. (Both could also be the torn write of one flush: then a
+            // never-acknowledged batch is refused as corrupt, which loses nothing.)
             let intact = header.filter(|h| is_plausible && h.base_offset() == expected);
+            let sync_tail = abs >= durable_end && config.durability == Durability::Sync;
+            let mut resynced = None;
             let acknowledged = match intact {
-                Some(h) if abs >= durable_end && config.durability == Durability::Sync => {
+                Some(h) if sync_tail => {
                     let next = abs + blen as u64;
                     valid_batch_at(seg, next, h.last_offset() + 1, limit, config).await?
+                }
+                None if sync_tail => {
+                    resynced = resync(seg, abs + 1, expected, limit, config).await?;
+                    resynced.is_some()
                 }
                 _ => false,
             };
@@ -166,7 +173,11 @@ pub async fn scan_segment(
                 at += blen;
                 continue;
             }
-            match resync(seg, abs + 1, expected, limit, config).await? {
+            let resynced = match resynced {
+                Some(found) => Some(found),
+                None => resync(seg, abs + 1, expected, limit, config).await?,
+            };
+            match resynced {
                 Some((next_pos, next_base)) => {
                     if next_base > expected {
                         report(seg, abs, expected, next_base - 1, corrupt);
