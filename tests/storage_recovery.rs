@@ -265,6 +265,53 @@ fn a_damaged_header_past_the_checkpoint_followed_by_valid_batches_is_corruption(
     .expect("executor");
 }
 
+/// A torn flush can lose a block and keep later ones: zeros end the scan there, and the valid
+/// batches kept past them (never acknowledged) are cleared at open, so that no later scan
+/// takes them for data once new appends reach them.
+#[test]
+fn valid_batches_past_zeros_at_the_end_are_cleared_at_open() {
+    corebus::runtime::block_on(None, async {
+        prime_direct_io().await;
+        let dir = common::fresh_dir("stale-past-zeros");
+        let ends = write_log(&dir, 200).await;
+        let path = dir.join(SEGMENT);
+        let mut bytes = std::fs::read(&path).expect("segment");
+        // A batch end with room for a header before its block ends: zeros from there to the
+        // block's end, as a lost block would leave.
+        let (i, end) = ends
+            .iter()
+            .enumerate()
+            .map(|(i, &e)| (i, e as usize))
+            .find(|&(i, e)| i > 50 && e.next_multiple_of(4096) - e >= 100)
+            .expect("a batch end");
+        let block_end = end.next_multiple_of(4096);
+        bytes[end..block_end].fill(0);
+        assert!(
+            bytes[block_end..].iter().any(|&b| b != 0),
+            "batches lie past it"
+        );
+        std::fs::write(&path, &bytes).expect("write");
+        let mut c = Checkpoint::load(&dir).expect("checkpoint");
+        c.clean = false;
+        c.durable_end = ends[i - 10];
+        c.next_offset = (i as u64 - 9) * 3;
+        c.save(&dir).expect("save");
+        // The index never leads the checkpoint: without it the scan starts at the beginning.
+        std::fs::remove_file(path.with_extension("index")).expect("no index");
+
+        let log = PartitionLog::open(&dir, config()).await.expect("opens");
+        assert_eq!(log.high_watermark(), (i as u64 + 1) * 3);
+        let after = std::fs::read(&path).expect("segment");
+        assert!(
+            after[end..].iter().all(|&b| b == 0),
+            "nothing past the end is left to be read as data"
+        );
+        log.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    })
+    .expect("executor");
+}
+
 /// Regression (found by the `segment_recovery` fuzz target): damaged bytes in acknowledged
 /// data that hold no offset, i.e. the next valid batch is the one the scan expects. Recovery
 /// used to report the range `expected..=next - 1`: an overflow panic for offset 0 (debug

@@ -339,18 +339,25 @@ pub fn create_dir_all_durable(dir: &Path) -> std::io::Result<()> {
         at = p.parent();
     }
     for p in missing.iter().rev() {
-        match std::fs::create_dir(p) {
-            Ok(()) => instant(|| Op::Mkdir {
-                path: path_string(p),
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(e),
-        }
-        if let Some(parent) = p.parent().filter(|q| !q.as_os_str().is_empty()) {
-            sync_dir(parent)?;
-        }
+        create_dir_durable(p)?;
     }
     Ok(())
+}
+
+/// Creates `dir` (not its parents: their absence is an error), traced, durable with an fsync
+/// of its parent; nothing if it exists.
+pub fn create_dir_durable(dir: &Path) -> std::io::Result<()> {
+    match std::fs::create_dir(dir) {
+        Ok(()) => instant(|| Op::Mkdir {
+            path: path_string(dir),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    match dir.parent().filter(|q| !q.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
 }
 
 fn put_str(s: &str, out: &mut Vec<u8>) {

@@ -306,11 +306,19 @@ impl PartitionLog {
             .map_err(|e| StorageError::io(format!("creating {}", dir.display()), &e))?;
         spare::remove_leftover(dir);
         let mut bases = segment::list(dir)?;
+        let mut checkpoint = Checkpoint::load(dir);
         if bases.is_empty() {
             Segment::create(dir, 0, config.preallocate_bytes.min(config.segment_bytes)).await?;
             bases.push(0);
+            // Nothing to recover in a file made just now.
+            checkpoint = Some(Checkpoint {
+                segment_base: 0,
+                durable_end: 0,
+                next_offset: 0,
+                log_start: 0,
+                clean: true,
+            });
         }
-        let checkpoint = Checkpoint::load(dir);
         finish_retention(dir, &mut bases, checkpoint.map_or(0, |c| c.log_start)).await?;
         let mut segments = VecDeque::with_capacity(bases.len());
         let mut corrupt = Vec::new();
@@ -1844,6 +1852,13 @@ async fn recover_segment(
         .max_timestamp_ms
         .max(seg.time_index.last().map_or(i64::MIN, |&(t, _)| t));
     match outcome {
+        // Past the end of an active segment after a crash there may be batches of a torn
+        // flush kept beyond a block it lost (zeros end the scan there). Never acknowledged,
+        // but valid: they are cleared, so that no later scan takes them for data once new
+        // appends reach them.
+        ScanEnd::Clean if active && seg.end < seg.extent.allocated() => {
+            cut_tail(seg, config).await?;
+        }
         ScanEnd::Clean => {}
         ScanEnd::Torn(why) if active => {
             tracing::warn!(

@@ -251,7 +251,9 @@ async fn open_for_append(path: &Path) -> Result<Rc<BufferedFile>, StorageError> 
 }
 
 impl StateLog {
-    /// Creates the file at `path` holding `records` (replacing any), durably.
+    /// Creates the file at `path` holding `records` (replacing any), durably. Its directory
+    /// must exist: a state created while its topic is deleted must not bring the partition's
+    /// directory back (a topic created again under that name would inherit it).
     pub async fn create(
         path: &Path,
         records: Vec<Vec<u8>>,
@@ -263,9 +265,14 @@ impl StateLog {
         let len = bytes.len() as u64;
         glommio::executor()
             .spawn_blocking(move || {
-                if let Some(dir) = owned.parent() {
-                    disk_trace::create_dir_all_durable(dir)
-                        .map_err(io_err(format!("creating {}", dir.display())))?;
+                if let Some(dir) = owned.parent().filter(|d| !d.is_dir()) {
+                    return Err(StorageError::io(
+                        format!("creating {}", owned.display()),
+                        &std::io::Error::new(
+                            std::io::ErrorKind::NotFound,
+                            format!("{} is gone (its topic was deleted?)", dir.display()),
+                        ),
+                    ));
                 }
                 write_atomic(&owned, &bytes)
             })
@@ -656,9 +663,28 @@ mod tests {
     }
 
     #[test]
+    fn a_state_is_not_created_where_its_directory_is_gone() {
+        let gone = std::env::temp_dir().join(format!("corebus-state-gone-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&gone);
+        let path = gone.join("consumer-offsets.state");
+        let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+            .make()
+            .expect("executor");
+        let created = ex.run(async move {
+            StateLog::create(&path, Vec::new(), Durability::Sync, Rc::default())
+                .await
+                .map(|_| ())
+        });
+        let err = created.expect_err("the directory is gone");
+        assert!(err.to_string().contains("is gone"), "{err}");
+        assert!(!gone.exists(), "the directory is not made again");
+    }
+
+    #[test]
     fn compaction_keeps_the_state_and_bounds_the_file() {
         let dir = std::env::temp_dir().join(format!("corebus-state-log-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
         let path = dir.join("map.state");
         let ex = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
             .make()

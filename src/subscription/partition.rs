@@ -21,7 +21,7 @@ use super::state::{Lease, LockError, Offer, Op, SubState};
 use super::{DeadLetter, LockToken, Nonces, SubscriptionConfig};
 use crate::record::{Batch, BatchHeader};
 use crate::storage::{
-    Durability, PartitionLog, SnapshotSource, StateLog, StorageError, SyncHealth,
+    disk_trace, Durability, PartitionLog, SnapshotSource, StateLog, StorageError, SyncHealth,
 };
 
 /// Bytes of log read per scan step.
@@ -181,6 +181,15 @@ impl SubscriptionPartition {
                 };
                 let state = SubState::new(start);
                 let records = state.snapshot().iter().map(Op::encode).collect();
+                // `subscriptions/` alone: never the partition's directory, if it is gone.
+                if let Some(subs) = path.parent().map(Path::to_path_buf) {
+                    glommio::executor()
+                        .spawn_blocking(move || disk_trace::create_dir_durable(&subs))
+                        .await
+                        .map_err(|e| {
+                            StorageError::io(format!("creating {}", path.display()), &e)
+                        })?;
+                }
                 (
                     StateLog::create(&path, records, limits.durability, health()).await?,
                     state,
