@@ -685,12 +685,17 @@ impl LoopFs {
 
     /// Mounted with `options` (as `mount -o` takes them).
     fn with_options(name: &str, size_mib: u32, options: &str) -> Self {
+        Self::with_mkfs_options(name, size_mib, "", options)
+    }
+
+    /// Made with `mkfs.ext4` options `mkfs` and mounted with `options`.
+    fn with_mkfs_options(name: &str, size_mib: u32, mkfs: &str, options: &str) -> Self {
         let base = common::fresh_dir(name);
         let image = base.join("fs.img");
         let mount = base.join("mnt");
         std::fs::create_dir_all(&mount).expect("mount point");
         sh(&format!("truncate -s {size_mib}M {}", image.display()));
-        sh(&format!("mkfs.ext4 -q -m 0 -F {}", image.display()));
+        sh(&format!("mkfs.ext4 -q -m 0 -F {mkfs} {}", image.display()));
         let device = sh(&format!("losetup -f --show {}", image.display()))
             .trim()
             .to_string();
@@ -727,6 +732,31 @@ fn on_ext4_data_journal_flushes_sync_their_own_files() {
     broker.kill9();
     broker.restart();
     let out = ok_stdout(&broker.cli(&["consume", "j", "--idle-timeout", "1s"], ""));
+    assert_eq!(out, input);
+}
+
+/// Issue 16, finding 5: on an fscrypt-encrypted directory direct I/O may be buffered (without
+/// inline encryption hardware), which a disk cache flush does not make durable: the broker
+/// sees the directory's encryption and has every flush sync its own file. ext4's
+/// `test_dummy_encryption` encrypts every new directory without a key to manage.
+#[test]
+fn on_an_encrypted_directory_flushes_sync_their_own_files() {
+    let fs = LoopFs::with_mkfs_options("fscrypt", 64, "-O encrypt", "test_dummy_encryption");
+    let mut broker = Broker::start_with("fscrypt", 1, &[], &[], Some(fs.mount.join("data")));
+    ok_stdout(&broker.cli(&["topic", "create", "x", "--partitions", "1"], ""));
+    assert!(
+        broker.log_text().contains("encrypted with fscrypt"),
+        "the fallback is reported: {}",
+        broker.log_text()
+    );
+    let input: String = (0..200).map(|i| format!("x{i}\n")).collect();
+    let acks = parse_acks(&ok_stdout(
+        &broker.cli(&["publish", "x", "--print-acks"], &input),
+    ));
+    assert_eq!(acks.len(), 200);
+    broker.kill9();
+    broker.restart();
+    let out = ok_stdout(&broker.cli(&["consume", "x", "--idle-timeout", "1s"], ""));
     assert_eq!(out, input);
 }
 

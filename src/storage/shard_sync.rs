@@ -164,6 +164,15 @@ impl ShardSync {
     pub fn covers(&self, dir: &Path) -> bool {
         use std::os::unix::fs::MetadataExt;
         match std::fs::metadata(dir) {
+            Ok(m) if m.dev() == self.device && is_fscrypt_encrypted(dir) => {
+                tracing::warn!(
+                    "{} is encrypted with fscrypt, where direct I/O may be buffered: its \
+                     flushes sync their own files instead of sharing the shard's {}",
+                    dir.display(),
+                    self.kind()
+                );
+                false
+            }
             Ok(m) if m.dev() == self.device => true,
             Ok(_) => {
                 tracing::warn!(
@@ -328,6 +337,21 @@ async fn open_disk_flush(data_dir: &Path) -> Result<Option<(DmaFile, u64)>, Stor
     })?;
     dma::traced_open(&file, &path, false);
     Ok(Some((file, device)))
+}
+
+/// True when `dir` is encrypted with fscrypt (ext4, f2fs): without inline encryption hardware
+/// the kernel turns direct I/O on its files into buffered I/O, which only the file's own
+/// `fdatasync` makes durable.
+fn is_fscrypt_encrypted(dir: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else {
+        return false;
+    };
+    let encrypted = libc::STATX_ATTR_ENCRYPTED as u64;
+    // SAFETY: `path` is a valid C string and `stx` a zeroed statx that the call fills in.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statx(libc::AT_FDCWD, path.as_ptr(), 0, 0, &mut stx) };
+    rc == 0 && stx.stx_attributes_mask & encrypted != 0 && stx.stx_attributes & encrypted != 0
 }
 
 /// The filesystem options (mountinfo's super options) of the mount that holds `dir`.
