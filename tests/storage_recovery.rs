@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use corebus::metrics::StorageMetrics;
-use corebus::record::{BatchBuilder, BatchIter, RecordWriter};
+use corebus::record::{BatchBuilder, BatchIter, RecordWriter, HEADER_LEN};
 use corebus::storage::checkpoint::Checkpoint;
 use corebus::storage::{LogConfig, PartitionLog, PrewriteConfig, ShardSync};
 
@@ -221,6 +221,68 @@ fn damage_past_the_checkpoint_followed_by_valid_batches_is_corruption_not_a_torn
         let ticket = log.append(&[batch(120, 3)], 3).await.expect("append");
         assert_eq!(ticket.durable().await.expect("durable"), (120, 122));
         let _ = std::fs::remove_dir_all(&dir);
+    })
+    .expect("executor");
+}
+
+/// The last batch of the log, acknowledged after the last checkpoint and then damaged on the
+/// medium (a flipped bit, no lost sector): refused as corrupt, not cut, so that its offsets
+/// are not handed out again; appends go on after it. A torn last batch (a lost sector reads as
+/// zeros) is still cut.
+#[test]
+fn a_damaged_last_batch_is_refused_and_a_torn_one_is_cut() {
+    corebus::runtime::block_on(None, async {
+        prime_direct_io().await;
+        // A last batch whose bytes after its header reach into the next sector (a torn write
+        // can lose that sector alone).
+        let scratch = common::fresh_dir("last-batch-scratch");
+        let all = write_log(&scratch, 80).await;
+        let _ = std::fs::remove_dir_all(&scratch);
+        let k = (36..80)
+            .find(|&k| {
+                (all[k - 1] as usize + HEADER_LEN).next_multiple_of(512) + 32 < all[k] as usize
+            })
+            .expect("a batch across a sector boundary");
+        let first = k as u64 * 3;
+        for (name, torn) in [("rotted-last", false), ("torn-last", true)] {
+            let dir = common::fresh_dir(name);
+            let ends = write_log(&dir, k as u64 + 1).await;
+            let path = dir.join(SEGMENT);
+            let mut bytes = std::fs::read(&path).expect("segment");
+            let (start, end) = (ends[k - 1] as usize, ends[k] as usize);
+            if torn {
+                // The batch's bytes in its lost second sector read as zeros.
+                bytes[(start + HEADER_LEN).next_multiple_of(512)..end].fill(0);
+            } else {
+                bytes[start + 70] ^= 0x04;
+            }
+            std::fs::write(&path, &bytes).expect("write");
+            let mut c = Checkpoint::load(&dir).expect("checkpoint");
+            c.clean = false;
+            c.durable_end = ends[k - 5];
+            c.next_offset = (k as u64 - 4) * 3;
+            c.save(&dir).expect("save");
+
+            let log = PartitionLog::open(&dir, config()).await.expect("opens");
+            if torn {
+                assert_eq!(log.high_watermark(), first, "the torn batch is cut");
+                assert_eq!(log.stats().corrupt_ranges, 0);
+            } else {
+                assert_eq!(log.high_watermark(), first + 3, "the damaged batch is kept");
+                assert_eq!(log.stats().corrupt_ranges, 1);
+                let err = log
+                    .fetch(first, 1 << 20, Duration::ZERO)
+                    .await
+                    .expect_err("corrupt");
+                let range = format!("{first}..={}", first + 2);
+                assert!(err.to_string().contains(&range), "{err}");
+            }
+            let next = log.high_watermark();
+            let ticket = log.append(&[batch(next, 3)], 3).await.expect("append");
+            assert_eq!(ticket.durable().await.expect("durable"), (next, next + 2));
+            log.close().await;
+            let _ = std::fs::remove_dir_all(&dir);
+        }
     })
     .expect("executor");
 }

@@ -136,7 +136,10 @@ pub async fn scan_segment(
             // damaged. With `--durability sync` a flush writes only after the one before it
             // synced, so the bad batch was most likely acknowledged after the last checkpoint
             // was written. (Both could also be the torn write of one flush: then a
-            // never-acknowledged batch is refused as corrupt, which loses nothing.)
+            // never-acknowledged batch is refused as corrupt, which loses nothing.) The last
+            // batch, with an intact header, is torn only if it shows a lost block (below);
+            // otherwise its bytes rotted after it was acknowledged: refused, not cut, so that
+            // its offsets are not handed out again.
             let intact = header.filter(|h| is_plausible && h.base_offset() == expected);
             let sync_tail = abs >= durable_end && config.durability == Durability::Sync;
             let mut resynced = None;
@@ -144,6 +147,9 @@ pub async fn scan_segment(
                 Some(h) if sync_tail => {
                     let next = abs + blen as u64;
                     valid_batch_at(seg, next, h.last_offset() + 1, limit, config).await?
+                        || rest
+                            .get(..blen)
+                            .is_some_and(|b| !shows_a_lost_block(b, abs))
                 }
                 None if sync_tail => {
                     resynced = resync(seg, abs + 1, expected, limit, config).await?;
@@ -215,6 +221,27 @@ pub async fn scan_segment(
         pos += at as u64;
     }
     Ok(ScanEnd::Clean)
+}
+
+/// Sectors: the smallest unit a disk writes whole.
+const SECTOR: u64 = 512;
+
+/// Whether the bytes of a batch that starts at file position `at` hold a sector's share that
+/// reads as zeros. Past a segment's end every byte is zero until a flush writes it (prewritten,
+/// preallocated, or cleared at recovery), so a flush torn by a power cut, which keeps or drops
+/// whole sectors, leaves zeros where it lost one; a batch damaged on the medium after it was
+/// written shows no such hole (unless its own bytes there were zeros).
+fn shows_a_lost_block(bytes: &[u8], at: u64) -> bool {
+    let mut start = 0usize;
+    while start < bytes.len() {
+        let block_end = (at + start as u64 + SECTOR) / SECTOR * SECTOR;
+        let end = ((block_end - at) as usize).min(bytes.len());
+        if bytes[start..end].iter().all(|&b| b == 0) {
+            return true;
+        }
+        start = end;
+    }
+    false
 }
 
 fn report(seg: &Segment, pos: u64, first: u64, last: u64, corrupt: &mut Vec<CorruptRange>) {
