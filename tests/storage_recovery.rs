@@ -180,6 +180,47 @@ fn a_bad_checksum_in_acknowledged_data_is_kept_reported_and_skipped() {
     .expect("executor");
 }
 
+/// Changes the segment's bytes in `dir` with `damage`, then makes the checkpoint lag as after
+/// a crash: the last one was written when batches `..acked` were durable, and those after them
+/// were acknowledged since.
+fn damage_and_lag_checkpoint(
+    dir: &Path,
+    ends: &[u64],
+    acked: usize,
+    damage: impl FnOnce(&mut Vec<u8>),
+) {
+    let path = dir.join(SEGMENT);
+    let mut bytes = std::fs::read(&path).expect("segment");
+    damage(&mut bytes);
+    std::fs::write(&path, &bytes).expect("write");
+    let mut c = Checkpoint::load(dir).expect("checkpoint");
+    c.clean = false;
+    c.durable_end = ends[acked - 1];
+    c.next_offset = acked as u64 * 3;
+    c.save(dir).expect("save");
+}
+
+/// Asserts that a read of `first..=last` fails as corrupt and that `served` records follow.
+async fn assert_refused_then_served(log: &Rc<PartitionLog>, first: u64, last: u64, served: u32) {
+    let err = log
+        .fetch(first, 1 << 20, Duration::ZERO)
+        .await
+        .expect_err("corrupt");
+    let range = format!("{first}..={last}");
+    assert!(err.to_string().contains(&range), "{err}");
+    if served == 0 {
+        return;
+    }
+    let after = log
+        .fetch(last + 1, 1 << 20, Duration::ZERO)
+        .await
+        .expect("after");
+    let count: u32 = BatchIter::new(&after.batches.contiguous())
+        .map(|b| b.expect("ok").header().record_count())
+        .sum();
+    assert_eq!(count, served, "the batches after the damage are served");
+}
+
 /// Issue 16, finding 2: the checkpoint's durable end lags the acknowledgements by up to a
 /// checkpoint interval. A damaged batch after it, followed by valid batches with continuing
 /// offsets, was acknowledged (a later batch could only be written after its flush synced):
@@ -191,33 +232,15 @@ fn damage_past_the_checkpoint_followed_by_valid_batches_is_corruption_not_a_torn
         prime_direct_io().await;
         let dir = common::fresh_dir("scan-lagging-checkpoint");
         let ends = write_log(&dir, 40).await;
-        let path = dir.join(SEGMENT);
-        let mut bytes = std::fs::read(&path).expect("segment");
-        bytes[ends[36] as usize + 80] ^= 0x20;
-        std::fs::write(&path, &bytes).expect("write");
         // The last checkpoint was written before batches 35.. were acknowledged.
-        let mut c = Checkpoint::load(&dir).expect("checkpoint");
-        c.clean = false;
-        c.durable_end = ends[34];
-        c.next_offset = 35 * 3;
-        c.save(&dir).expect("save");
+        damage_and_lag_checkpoint(&dir, &ends, 35, |bytes| {
+            bytes[ends[36] as usize + 80] ^= 0x20;
+        });
 
         let log = PartitionLog::open(&dir, config()).await.expect("opens");
         assert_eq!(log.high_watermark(), 120, "nothing acknowledged is cut");
         assert_eq!(log.stats().corrupt_ranges, 1);
-        let err = log
-            .fetch(111, 1 << 20, Duration::ZERO)
-            .await
-            .expect_err("corrupt");
-        assert!(err.to_string().contains("111..=113"), "{err}");
-        let after = log
-            .fetch(114, 1 << 20, Duration::ZERO)
-            .await
-            .expect("after");
-        let served: u32 = BatchIter::new(&after.batches.contiguous())
-            .map(|b| b.expect("ok").header().record_count())
-            .sum();
-        assert_eq!(served, 6, "the two batches after the damage are served");
+        assert_refused_then_served(&log, 111, 113, 6).await;
         let ticket = log.append(&[batch(120, 3)], 3).await.expect("append");
         assert_eq!(ticket.durable().await.expect("durable"), (120, 122));
         let _ = std::fs::remove_dir_all(&dir);
@@ -247,21 +270,15 @@ fn a_damaged_last_batch_is_refused_and_a_torn_one_is_cut() {
         for (name, torn) in [("rotted-last", false), ("torn-last", true)] {
             let dir = common::fresh_dir(name);
             let ends = write_log(&dir, k as u64 + 1).await;
-            let path = dir.join(SEGMENT);
-            let mut bytes = std::fs::read(&path).expect("segment");
             let (start, end) = (ends[k - 1] as usize, ends[k] as usize);
-            if torn {
-                // The batch's bytes in its lost second sector read as zeros.
-                bytes[(start + HEADER_LEN).next_multiple_of(512)..end].fill(0);
-            } else {
-                bytes[start + 70] ^= 0x04;
-            }
-            std::fs::write(&path, &bytes).expect("write");
-            let mut c = Checkpoint::load(&dir).expect("checkpoint");
-            c.clean = false;
-            c.durable_end = ends[k - 5];
-            c.next_offset = (k as u64 - 4) * 3;
-            c.save(&dir).expect("save");
+            damage_and_lag_checkpoint(&dir, &ends, k - 4, |bytes| {
+                if torn {
+                    // The batch's bytes in its lost second sector read as zeros.
+                    bytes[(start + HEADER_LEN).next_multiple_of(512)..end].fill(0);
+                } else {
+                    bytes[start + 70] ^= 0x04;
+                }
+            });
 
             let log = PartitionLog::open(&dir, config()).await.expect("opens");
             if torn {
@@ -270,12 +287,7 @@ fn a_damaged_last_batch_is_refused_and_a_torn_one_is_cut() {
             } else {
                 assert_eq!(log.high_watermark(), first + 3, "the damaged batch is kept");
                 assert_eq!(log.stats().corrupt_ranges, 1);
-                let err = log
-                    .fetch(first, 1 << 20, Duration::ZERO)
-                    .await
-                    .expect_err("corrupt");
-                let range = format!("{first}..={}", first + 2);
-                assert!(err.to_string().contains(&range), "{err}");
+                assert_refused_then_served(&log, first, first + 2, 0).await;
             }
             let next = log.high_watermark();
             let ticket = log.append(&[batch(next, 3)], 3).await.expect("append");
@@ -296,32 +308,14 @@ fn a_damaged_header_past_the_checkpoint_followed_by_valid_batches_is_corruption(
         prime_direct_io().await;
         let dir = common::fresh_dir("scan-damaged-header");
         let ends = write_log(&dir, 40).await;
-        let path = dir.join(SEGMENT);
-        let mut bytes = std::fs::read(&path).expect("segment");
-        bytes[ends[35] as usize + 28] ^= 0x7f; // batch 36's magic: its header is not valid
-        std::fs::write(&path, &bytes).expect("write");
-        let mut c = Checkpoint::load(&dir).expect("checkpoint");
-        c.clean = false;
-        c.durable_end = ends[34];
-        c.next_offset = 35 * 3;
-        c.save(&dir).expect("save");
+        damage_and_lag_checkpoint(&dir, &ends, 35, |bytes| {
+            bytes[ends[35] as usize + 28] ^= 0x7f; // batch 36's magic: its header is not valid
+        });
 
         let log = PartitionLog::open(&dir, config()).await.expect("opens");
         assert_eq!(log.high_watermark(), 120, "nothing acknowledged is cut");
         assert_eq!(log.stats().corrupt_ranges, 1);
-        let err = log
-            .fetch(108, 1 << 20, Duration::ZERO)
-            .await
-            .expect_err("corrupt");
-        assert!(err.to_string().contains("108..=110"), "{err}");
-        let after = log
-            .fetch(111, 1 << 20, Duration::ZERO)
-            .await
-            .expect("after");
-        let served: u32 = BatchIter::new(&after.batches.contiguous())
-            .map(|b| b.expect("ok").header().record_count())
-            .sum();
-        assert_eq!(served, 9, "the three batches after the damage are served");
+        assert_refused_then_served(&log, 108, 110, 9).await;
         let _ = std::fs::remove_dir_all(&dir);
     })
     .expect("executor");
@@ -337,7 +331,6 @@ fn valid_batches_past_zeros_at_the_end_are_cleared_at_open() {
         let dir = common::fresh_dir("stale-past-zeros");
         let ends = write_log(&dir, 200).await;
         let path = dir.join(SEGMENT);
-        let mut bytes = std::fs::read(&path).expect("segment");
         // A batch end with room for a header before its block ends: zeros from there to the
         // block's end, as a lost block would leave.
         let (i, end) = ends
@@ -346,18 +339,14 @@ fn valid_batches_past_zeros_at_the_end_are_cleared_at_open() {
             .map(|(i, &e)| (i, e as usize))
             .find(|&(i, e)| i > 50 && e.next_multiple_of(4096) - e >= 100)
             .expect("a batch end");
-        let block_end = end.next_multiple_of(4096);
-        bytes[end..block_end].fill(0);
-        assert!(
-            bytes[block_end..].iter().any(|&b| b != 0),
-            "batches lie past it"
-        );
-        std::fs::write(&path, &bytes).expect("write");
-        let mut c = Checkpoint::load(&dir).expect("checkpoint");
-        c.clean = false;
-        c.durable_end = ends[i - 10];
-        c.next_offset = (i as u64 - 9) * 3;
-        c.save(&dir).expect("save");
+        damage_and_lag_checkpoint(&dir, &ends, i - 9, |bytes| {
+            let block_end = end.next_multiple_of(4096);
+            bytes[end..block_end].fill(0);
+            assert!(
+                bytes[block_end..].iter().any(|&b| b != 0),
+                "batches lie past it"
+            );
+        });
         // The index never leads the checkpoint: without it the scan starts at the beginning.
         std::fs::remove_file(path.with_extension("index")).expect("no index");
 
