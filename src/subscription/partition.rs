@@ -247,6 +247,21 @@ impl SubscriptionPartition {
         self.store.append(&op.encode())
     }
 
+    /// Gives up offsets `from..to` that can no longer be read (`why`): what was not settled
+    /// among them counts as lost, and the record of it goes to the state log.
+    fn lose(&self, from: u64, to: u64, why: &str) {
+        tracing::warn!(
+            "{}/{} subscription {}: offsets {from}..{to} {why}; counted as lost",
+            self.topic,
+            self.partition,
+            self.name
+        );
+        let op = self.state.borrow_mut().lose(from, to);
+        if let Some(op) = op {
+            self.append(&op);
+        }
+    }
+
     /// Waits until the state log holds everything up to `seq` durably.
     pub async fn durable(&self, seq: u64) -> Result<(), StorageError> {
         self.store.durable(seq).await
@@ -405,20 +420,11 @@ impl SubscriptionPartition {
                         bytes += record.len();
                         out.push(self.delivered(lease, record.clone()));
                     }
-                    None => {
-                        tracing::warn!(
-                            "{}/{} subscription {}: event {} is gone from the log before it \
-                             was settled; counted as lost",
-                            self.topic,
-                            self.partition,
-                            self.name,
-                            lease.offset
-                        );
-                        let op = self.state.borrow_mut().lose(lease.offset, lease.offset + 1);
-                        if let Some(op) = op {
-                            self.append(&op);
-                        }
-                    }
+                    None => self.lose(
+                        lease.offset,
+                        lease.offset + 1,
+                        "are gone from the log before they were settled",
+                    ),
                 }
             }
         }
@@ -435,44 +441,25 @@ impl SubscriptionPartition {
             if from >= self.log.high_watermark() {
                 break;
             }
-            let data =
-                match self.log.fetch(from, SCAN_BYTES, Duration::ZERO).await {
-                    Ok(data) => data,
-                    Err(StorageError::OffsetOutOfRange {
-                        log_start_offset, ..
-                    }) => {
-                        // Retention removed offsets the cursor had not reached yet.
-                        tracing::warn!(
-                        "{}/{} subscription {}: offsets {from}..{log_start_offset} were removed \
-                         by retention before the subscription read them; counted as lost",
-                        self.topic,
-                        self.partition,
-                        self.name
-                    );
-                        let op = self.state.borrow_mut().lose(from, log_start_offset);
-                        if let Some(op) = op {
-                            self.append(&op);
-                        }
+            let data = match self.log.fetch(from, SCAN_BYTES, Duration::ZERO).await {
+                Ok(data) => data,
+                Err(StorageError::OffsetOutOfRange {
+                    log_start_offset, ..
+                }) => {
+                    let why = "were removed by retention before the subscription read them";
+                    self.lose(from, log_start_offset, why);
+                    continue;
+                }
+                Err(StorageError::Corrupt(why)) => match self.log.corrupt_range_around(from) {
+                    // Known-corrupt offsets can never be delivered: move past them.
+                    Some((_, last)) => {
+                        self.lose(from, last + 1, &format!("fail their checksum ({why})"));
                         continue;
                     }
-                    Err(StorageError::Corrupt(why)) => match self.log.corrupt_range_around(from) {
-                        // Known-corrupt offsets can never be delivered: move past them.
-                        Some((_, last)) => {
-                            tracing::warn!(
-                            "{}/{} subscription {}: skipping unreadable offsets {from}..={last}, \
-                             counted as lost: {why}",
-                            self.topic, self.partition, self.name
-                        );
-                            let op = self.state.borrow_mut().lose(from, last + 1);
-                            if let Some(op) = op {
-                                self.append(&op);
-                            }
-                            continue;
-                        }
-                        None => return Err(StorageError::Corrupt(why)),
-                    },
-                    Err(e) => return Err(e),
-                };
+                    None => return Err(StorageError::Corrupt(why)),
+                },
+                Err(e) => return Err(e),
+            };
             if data.batches.is_empty() {
                 break;
             }
