@@ -13,7 +13,9 @@ use criterion::{Criterion, Throughput};
 
 use corebus::client::requests;
 use corebus::protocol::message::parse_request;
-use corebus::record::{Batch, BatchBuilder, RecordWriter};
+use corebus::record::{
+    Batch, BatchBuilder, BatchLimits, BatchOptions, Codec, Decompressor, RecordWriter,
+};
 use corebus::storage::{Durability, LogConfig, PartitionLog};
 
 fn one_mib_batch() -> Vec<u8> {
@@ -34,10 +36,64 @@ fn batches(c: &mut Criterion) {
     let mut group = c.benchmark_group("batch_1MiB_of_1KiB_records");
     group.throughput(Throughput::Bytes(batch.len() as u64));
     group.bench_function("crc32c", |b| b.iter(|| crc32c::crc32c(&batch)));
+    let mut decompressor = Decompressor::new();
     group.bench_function("validate", |b| {
-        b.iter(|| Batch::validate(&batch, 100_000).map(|b| b.as_bytes().len()))
+        b.iter(|| {
+            Batch::validate(&batch, LIMITS, &mut decompressor).map(|b| b.as_bytes().len())
+        })
     });
     group.finish();
+}
+
+const LIMITS: BatchLimits = BatchLimits {
+    max_records: 100_000,
+    max_records_bytes: 64 << 20,
+};
+
+/// About 1 MiB of JSON events (as loadgen's `--payload json` makes them), built and checked
+/// with each codec: the cost the producer and the broker pay per batch.
+fn compression(c: &mut Criterion) {
+    let events: Vec<String> = (0..1000)
+        .map(|i| {
+            format!(
+                "{{\"id\":\"ord-{i:08}\",\"type\":\"order.created\",\"customer\":\"c-{}\",\"amount\":{}.{:02},\"currency\":\"EUR\",\"items\":[{{\"sku\":\"sku-{}\",\"qty\":{}}}],\"status\":\"created\",\"region\":\"eu-west-1\",\"note\":\"{}\"}}",
+                i * 7919 % 10_000,
+                i * 31 % 500,
+                i % 100,
+                i * 13 % 2000,
+                1 + i % 5,
+                "x".repeat(700 + i % 100)
+            )
+        })
+        .collect();
+    for codec in [Codec::None, Codec::Lz4, Codec::Zstd] {
+        let mut builder = BatchBuilder::with_capacity(2 << 20);
+        let mut build = || {
+            for e in &events {
+                builder.push(&RecordWriter {
+                    timestamp_ms: 1,
+                    value: e.as_bytes(),
+                    ..RecordWriter::default()
+                });
+            }
+            builder.finish_with(BatchOptions {
+                codec,
+                producer: None,
+            })
+        };
+        let built = build();
+        let raw: usize = events.iter().map(String::len).sum();
+        let mut group = c.benchmark_group(format!("json_1000_events_{codec}"));
+        group.throughput(Throughput::Bytes(raw as u64));
+        group.bench_function("build", |b| b.iter(&mut build));
+        let mut decompressor = Decompressor::new();
+        group.bench_function("validate", |b| {
+            b.iter(|| {
+                Batch::validate(&built, LIMITS, &mut decompressor).map(|b| b.as_bytes().len())
+            })
+        });
+        group.finish();
+    }
 }
 
 fn frames(c: &mut Criterion) {
@@ -163,6 +219,7 @@ fn log_benches(c: &mut Criterion) {
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     batches(&mut c);
+    compression(&mut c);
     frames(&mut c);
     log_benches(&mut c);
     c.final_summary();

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use corebus::protocol::message::finish_request;
 use corebus::protocol::wire;
 use corebus::record::batch::stamp;
-use corebus::record::{BatchBuilder, RecordWriter, HEADER_LEN};
+use corebus::record::{BatchBuilder, RecordWriter, HEADER_PREFIX_LEN};
 use corebus::storage::state_log;
 use corebus::subscription::state::{Counters, Op};
 use flatbuffers::FlatBufferBuilder;
@@ -129,6 +129,7 @@ fn create_topic(id: u64, name: &str, partitions: u32) -> Vec<u8> {
             partitions,
             retention_ms: 60_000,
             retention_bytes: -1,
+            compression: wire::TopicCompression::Producer,
         },
     );
     finish_request(
@@ -176,7 +177,7 @@ fn stored_batches() -> (Vec<u8>, u64, Vec<usize>) {
         .enumerate()
     {
         let mut b = batch(values, i == 1);
-        stamp(&mut b[..HEADER_LEN], next, 1_700_000_000_500);
+        stamp(&mut b[..HEADER_PREFIX_LEN], next, 1_700_000_000_500);
         positions.push(log.len());
         next += values.len() as u64;
         log.extend_from_slice(&b);

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use common::{fresh_dir, Broker};
 use corebus::client::{Client, ClientError, ClientOptions};
 use corebus::protocol::wire::ErrorCode;
-use corebus::record::{BatchBuilder, BatchIter, RecordWriter};
+use corebus::record::{BatchBuilder, BatchIter, Decompressor, RecordWriter};
 use corebus::storage::disk_trace;
 use corebus::storage::power_loss::{History, Rng};
 use corebus::subscription::SubscriptionConfig;
@@ -212,7 +212,11 @@ async fn read_everything(client: Client, partitions: u32) -> Result<Served, Stri
             for batch in BatchIter::new(&fetched.batches) {
                 let batch = batch.map_err(|e| format!("partition {p}: a bad batch: {e}"))?;
                 let base = batch.header().base_offset();
-                for r in batch.records() {
+                let mut decompressor = Decompressor::new();
+                let records = batch
+                    .records(&mut decompressor)
+                    .map_err(|e| format!("partition {p}: a bad batch: {e}"))?;
+                for r in records {
                     let r = r.map_err(|e| format!("partition {p}: a bad record: {e}"))?;
                     let at = base + u64::from(r.offset_delta);
                     if at >= offset {

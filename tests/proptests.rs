@@ -7,7 +7,10 @@ use std::task::{Context, Poll};
 
 use corebus::protocol::frame::{FrameError, FrameReader};
 use corebus::record::batch::{crc_matches, stamp};
-use corebus::record::{Batch, BatchBuilder, BatchIter, RecordError, RecordIter, RecordWriter};
+use corebus::record::{
+    Batch, BatchBuilder, BatchIter, BatchLimits, BatchOptions, Codec, Decompressor, RecordError,
+    RecordIter, RecordWriter,
+};
 use corebus::storage::checkpoint::Checkpoint;
 use futures_lite::io::{AsyncRead, Cursor};
 use proptest::collection::vec;
@@ -91,11 +94,29 @@ fn record() -> impl Strategy<Value = Rec> {
 }
 
 fn build(records: &[Rec]) -> Vec<u8> {
+    build_with(records, Codec::None)
+}
+
+fn build_with(records: &[Rec], codec: Codec) -> Vec<u8> {
     let mut builder = BatchBuilder::new();
     for r in records {
         r.with_writer(|w| builder.push(w));
     }
-    builder.finish()
+    builder.finish_with(BatchOptions {
+        codec,
+        producer: None,
+    })
+}
+
+fn codec() -> impl Strategy<Value = Codec> {
+    prop_oneof![Just(Codec::None), Just(Codec::Lz4), Just(Codec::Zstd)]
+}
+
+fn limits(max_records: u32) -> BatchLimits {
+    BatchLimits {
+        max_records,
+        max_records_bytes: 64 << 20,
+    }
 }
 
 /// First byte covered by a batch's CRC (after base offset, length, epoch, time and the CRC).
@@ -144,11 +165,13 @@ proptest! {
         records in vec(record(), 1..20),
         base in 0u64..(1 << 50),
         append_time in any::<i64>(),
+        codec in codec(),
     ) {
-        let mut bytes = build(&records);
+        let mut bytes = build_with(&records, codec);
         let n = records.len() as u32;
+        let mut decompressor = Decompressor::new();
         {
-            let batch = Batch::validate(&bytes, n).expect("valid");
+            let batch = Batch::validate(&bytes, limits(n), &mut decompressor).expect("valid");
             let h = batch.header();
             prop_assert_eq!(h.batch_len() as usize, bytes.len());
             prop_assert_eq!(h.record_count(), n);
@@ -156,19 +179,21 @@ proptest! {
             prop_assert_eq!(h.first_timestamp_ms(), records[0].timestamp_ms);
             let max = records.iter().map(|r| r.timestamp_ms).max().expect("records");
             prop_assert_eq!(h.max_timestamp_ms(), max);
-            prop_assert_eq!(h.magic(), 1);
-            prop_assert_eq!(h.attributes(), 0);
-            for (i, (r, d)) in records.iter().zip(batch.records()).enumerate() {
+            prop_assert_eq!(h.magic(), 2);
+            // Data that does not shrink is stored uncompressed.
+            prop_assert!(h.codec() == Some(codec) || h.codec() == Some(Codec::None));
+            let decoded = batch.records(&mut decompressor).expect("records");
+            for (i, (r, d)) in records.iter().zip(decoded).enumerate() {
                 r.assert_decoded(&d.expect("decodes"), i as u32);
             }
         }
         let over_limit = matches!(
-            Batch::validate(&bytes, n - 1),
+            Batch::validate(&bytes, limits(n - 1), &mut decompressor),
             Err(RecordError::BadRecordCount(c)) if c == n
         );
         prop_assert!(over_limit, "a batch over max_records was accepted");
         stamp(&mut bytes[..64], base, append_time);
-        let batch = Batch::validate(&bytes, n).expect("valid after stamping");
+        let batch = Batch::validate(&bytes, limits(n), &mut decompressor).expect("valid after stamping");
         prop_assert_eq!(batch.header().base_offset(), base);
         prop_assert_eq!(batch.header().last_offset(), base + u64::from(n) - 1);
         prop_assert_eq!(batch.header().append_time_ms(), append_time);
@@ -182,11 +207,13 @@ proptest! {
         records in vec(record(), 1..6),
         at in any::<prop::sample::Index>(),
         bit in 0u8..8,
+        codec in codec(),
     ) {
-        let mut bytes = build(&records);
+        let mut bytes = build_with(&records, codec);
         let byte = CRC_START + at.index(bytes.len() - CRC_START);
         bytes[byte] ^= 1 << bit;
-        prop_assert!(Batch::validate(&bytes, u32::MAX).is_err(), "flip at byte {}", byte);
+        let refused = Batch::validate(&bytes, limits(u32::MAX), &mut Decompressor::new()).is_err();
+        prop_assert!(refused, "flip at byte {}", byte);
         prop_assert!(!crc_matches(&bytes));
         prop_assert!(BatchIter::new(&bytes).next().expect("an item").is_err());
     }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use corebus::metrics::StorageMetrics;
-use corebus::record::{BatchBuilder, BatchIter, RecordWriter, HEADER_LEN};
+use corebus::record::{BatchBuilder, BatchIter, Decompressor, RecordWriter, HEADER_PREFIX_LEN};
 use corebus::storage::checkpoint::Checkpoint;
 use corebus::storage::{LogConfig, PartitionLog, PrewriteConfig, ShardSync};
 
@@ -62,7 +62,7 @@ async fn read_all(log: &Rc<PartitionLog>) -> Vec<String> {
         for batch in BatchIter::new(&data.batches.contiguous()) {
             let batch = batch.expect("batch");
             let base = batch.header().base_offset();
-            for r in batch.records() {
+            for r in batch.records(&mut Decompressor::new()).expect("records") {
                 let r = r.expect("record");
                 let at = base + u64::from(r.offset_delta);
                 if at >= offset {
@@ -263,7 +263,7 @@ fn a_damaged_last_batch_is_refused_and_a_torn_one_is_cut() {
         let _ = std::fs::remove_dir_all(&scratch);
         let k = (36..80)
             .find(|&k| {
-                (all[k - 1] as usize + HEADER_LEN).next_multiple_of(512) + 32 < all[k] as usize
+                (all[k - 1] as usize + HEADER_PREFIX_LEN).next_multiple_of(512) + 32 < all[k] as usize
             })
             .expect("a batch across a sector boundary");
         let first = k as u64 * 3;
@@ -274,7 +274,7 @@ fn a_damaged_last_batch_is_refused_and_a_torn_one_is_cut() {
             damage_and_lag_checkpoint(&dir, &ends, k - 4, |bytes| {
                 if torn {
                     // The batch's bytes in its lost second sector read as zeros.
-                    bytes[(start + HEADER_LEN).next_multiple_of(512)..end].fill(0);
+                    bytes[(start + HEADER_PREFIX_LEN).next_multiple_of(512)..end].fill(0);
                 } else {
                     bytes[start + 70] ^= 0x04;
                 }

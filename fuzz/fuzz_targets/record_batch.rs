@@ -7,7 +7,9 @@
 #![no_main]
 
 use corebus::record::batch::crc_matches;
-use corebus::record::{Batch, BatchBuilder, BatchIter, RecordWriter, HEADER_LEN};
+use corebus::record::{
+    Batch, BatchBuilder, BatchIter, BatchLimits, Codec, Decompressor, RecordWriter,
+};
 use corebus_fuzz::walk_batch;
 use libfuzzer_sys::fuzz_target;
 
@@ -15,7 +17,12 @@ use libfuzzer_sys::fuzz_target;
 fn reencode(batch: &Batch<'_>) {
     let mut builder = BatchBuilder::new();
     let mut header_lists = Vec::new();
-    let records: Vec<_> = batch.records().map(|r| r.expect("validated")).collect();
+    let mut decompressor = Decompressor::new();
+    let records: Vec<_> = batch
+        .records(&mut decompressor)
+        .expect("validated")
+        .map(|r| r.expect("validated"))
+        .collect();
     for r in &records {
         header_lists.push(r.headers().collect::<Vec<_>>());
     }
@@ -41,11 +48,29 @@ fn reencode(batch: &Batch<'_>) {
         builder.push(&writer);
     }
     let bytes = builder.finish();
-    let again = Batch::validate(&bytes, u32::MAX).expect("a re-encoded batch must validate");
-    assert_eq!(again.as_bytes().len(), batch.as_bytes().len());
+    let limits = BatchLimits {
+        max_records: u32::MAX,
+        max_records_bytes: usize::MAX,
+    };
+    let again = Batch::validate(&bytes, limits, &mut Decompressor::new())
+        .expect("a re-encoded batch must validate");
+    let mut d = Decompressor::new();
+    let original = match batch.header().codec() {
+        Some(Codec::None) => batch.stored_records().to_vec(),
+        Some(codec) => d
+            .decompress(
+                codec,
+                batch.stored_records(),
+                batch.header().records_len(),
+                usize::MAX,
+            )
+            .expect("validated")
+            .to_vec(),
+        None => unreachable!("validated"),
+    };
     assert_eq!(
-        &bytes[HEADER_LEN..],
-        &batch.as_bytes()[HEADER_LEN..],
+        again.stored_records(),
+        &original[..],
         "records re-encode to other bytes"
     );
     let (a, b) = (again.header(), batch.header());
@@ -61,7 +86,11 @@ fuzz_target!(|data: &[u8]| {
         1 => 100_000,
         _ => 3,
     };
-    if let Ok(batch) = Batch::validate(data, max_records) {
+    let limits = BatchLimits {
+        max_records,
+        max_records_bytes: 16 << 20,
+    };
+    if let Ok(batch) = Batch::validate(data, limits, &mut Decompressor::new()) {
         assert!(crc_matches(data));
         assert!(batch.header().record_count() <= max_records);
         walk_batch(&batch);
@@ -77,8 +106,12 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(batch.as_bytes(), &data[at..at + batch.as_bytes().len()]);
                 at += batch.as_bytes().len();
                 // The CRC says nothing about the record layout: reading must not panic.
-                for r in batch.records().flatten() {
-                    for _ in r.headers() {}
+                // Decompression bounded as the broker bounds it.
+                let mut d = Decompressor::new();
+                if let Ok(records) = batch.records_bounded(&mut d, 16 << 20) {
+                    for r in records.flatten() {
+                        for _ in r.headers() {}
+                    }
                 }
             }
             Err(_) => break,

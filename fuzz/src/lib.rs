@@ -8,7 +8,7 @@ use std::sync::Once;
 
 use corebus::protocol::message::parse_response;
 use corebus::protocol::wire;
-use corebus::record::{Batch, BatchIter};
+use corebus::record::{Batch, BatchIter, BatchLimits, Decompressor};
 use glommio::{LocalExecutor, LocalExecutorBuilder, Placement};
 
 /// Reads every field of a verified request, iterating every vector, so that every generated
@@ -131,12 +131,18 @@ pub fn check_response_frame(frame: &[u8]) -> u64 {
     walk_response(&response)
 }
 
+/// The produce path's limits as the broker's defaults set them (16 MiB decompressed).
+pub const FUZZ_LIMITS: BatchLimits = BatchLimits {
+    max_records: 100_000,
+    max_records_bytes: 16 << 20,
+};
+
 /// Validates the concatenated batches of a produce the way the broker does, reading every
 /// record of each valid one.
 pub fn walk_batches(mut bytes: &[u8]) -> u64 {
     let mut sum = 0u64;
     while !bytes.is_empty() {
-        let Ok(batch) = Batch::validate(bytes, 100_000) else {
+        let Ok(batch) = Batch::validate(bytes, FUZZ_LIMITS, &mut Decompressor::new()) else {
             break;
         };
         sum = sum.wrapping_add(walk_batch(&batch));
@@ -160,7 +166,11 @@ pub fn walk_batch(batch: &Batch<'_>) -> u64 {
         .wrapping_add(h.first_timestamp_ms() as u64)
         .wrapping_add(h.max_timestamp_ms() as u64);
     let mut count = 0u32;
-    for record in batch.records() {
+    let mut decompressor = Decompressor::new();
+    let records = batch
+        .records(&mut decompressor)
+        .expect("a validated batch failed to decompress");
+    for record in records {
         let record = record.expect("a record of a validated batch failed to decode");
         assert_eq!(record.offset_delta, count);
         count += 1;

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use corebus::record::Codec;
 use corebus::storage::{Durability, GroupCommit};
 use corebus::units::parse_duration;
 
@@ -89,6 +90,45 @@ pub struct Args {
     /// Write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// Codec of the batches the producers send: none, lz4 or zstd.
+    #[arg(long, default_value = "none", value_parser = parse_codec)]
+    pub compression: String,
+    /// Idempotent producers (`InitProducer`, numbered batches); `off` sends plain batches.
+    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    pub idempotence: bool,
+    /// What the messages hold: `random` (a checkable pattern that does not compress) or
+    /// `json` (JSON events generated from a fixed seed, about as compressible as real ones).
+    #[arg(long, value_enum, default_value = "random")]
+    #[serde(serialize_with = "ser_payload")]
+    pub payload: PayloadKind,
+}
+
+/// The messages' contents (`--payload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PayloadKind {
+    /// Header + a byte pattern.
+    Random,
+    /// Header + a JSON event.
+    Json,
+}
+
+fn ser_payload<S: serde::Serializer>(p: &PayloadKind, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(match p {
+        PayloadKind::Random => "random",
+        PayloadKind::Json => "json",
+    })
+}
+
+fn parse_codec(s: &str) -> Result<String, String> {
+    s.parse::<Codec>().map(|c| c.name().to_string())
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, got '{other}'")),
+    }
 }
 
 fn ser_duration<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -127,6 +167,11 @@ fn ser_durability<S: serde::Serializer>(d: &Durability, s: S) -> Result<S::Ok, S
 const OWN_CORE_SPIN: Duration = Duration::from_millis(10);
 
 impl Args {
+    /// The codec of `--compression`.
+    pub fn codec(&self) -> Codec {
+        self.compression.parse().unwrap_or_default()
+    }
+
     /// The `--spin` to use: as given, else [`OWN_CORE_SPIN`] when the generator is pinned to a
     /// core that the embedded broker does not use, else none (polling would take the core
     /// from whatever shares it).
@@ -143,6 +188,13 @@ impl Args {
             return Err(format!(
                 "--message-size must be at least {}",
                 crate::payload::HEADER_BYTES
+            ));
+        }
+        if self.payload == PayloadKind::Json && self.message_size < crate::payload::MIN_JSON_BYTES
+        {
+            return Err(format!(
+                "--payload json needs --message-size of at least {}",
+                crate::payload::MIN_JSON_BYTES
             ));
         }
         if self.producers == 0 || self.partitions == 0 || self.in_flight == 0 {

@@ -8,7 +8,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use corebus::client::{Client, ClientError};
-use corebus::record::{BatchHeader, BatchIter};
+use corebus::record::{BatchHeader, BatchIter, Decompressor};
 use futures::future::join_all;
 
 use crate::payload::{self, Filler};
@@ -74,6 +74,7 @@ pub async fn run(shared: Rc<Shared>, consumers: u32) {
 async fn consume_partition(shared: &Shared, partition: u32) {
     let mut offset = shared.start[partition as usize];
     let mut last_seq: HashMap<u32, u64> = HashMap::new();
+    let mut decompressor = Decompressor::new();
     let mut drain_started: Option<std::time::Instant> = None;
     let mut in_flight: Option<(u64, corebus::client::Reply)> = None;
     loop {
@@ -134,7 +135,16 @@ async fn consume_partition(shared: &Shared, partition: u32) {
                 }
             };
             let base = batch.header().base_offset();
-            for record in batch.records() {
+            let records = match batch.records(&mut decompressor) {
+                Ok(records) => records,
+                Err(e) => {
+                    shared
+                        .stats
+                        .error(format!("partition {partition}: bad batch: {e}"));
+                    break;
+                }
+            };
+            for record in records {
                 let Ok(record) = record else {
                     shared
                         .stats

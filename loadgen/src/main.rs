@@ -149,7 +149,7 @@ async fn load(args: Args, addr: String, topic: String) -> Result<(report::Report
     let warmup_ns = args.warmup.as_nanos() as u64;
     let stop_ns = warmup_ns + args.duration.as_nanos() as u64;
     let stats = Rc::new(Stats::new(warmup_ns));
-    let filler = Rc::new(payload::Filler::new(args.message_size));
+    let filler = Rc::new(payload::Filler::new(args.message_size, args.payload));
     let acked_end = Rc::new(RefCell::new(start.clone()));
     let producers_done = Rc::new(Cell::new(false));
     let stop_progress = Rc::new(Cell::new(false));
@@ -220,6 +220,19 @@ async fn load(args: Args, addr: String, topic: String) -> Result<(report::Report
         extra_errors += 1;
         stats.error("no message was acknowledged".into());
     }
+    // What the topic takes on disk, against the payload of every acknowledged message.
+    let disk_bytes = match client.stats().await {
+        Ok(s) => s
+            .partitions
+            .iter()
+            .filter(|p| p.topic == consumer_shared.topic)
+            .map(|p| p.size_bytes)
+            .sum(),
+        Err(e) => {
+            stats.error(format!("stats: {e}"));
+            0
+        }
+    };
     let host_cpu = host_at_warmup_end
         .borrow()
         .as_ref()
@@ -232,6 +245,7 @@ async fn load(args: Args, addr: String, topic: String) -> Result<(report::Report
         consume_window,
         extra_errors,
         &host_cpu,
+        disk_bytes,
     );
     drop(consumer_shared);
     let stats = Rc::try_unwrap(stats)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use corebus::client::Client;
-use corebus::record::{BatchBuilder, RecordWriter};
+use corebus::record::{BatchBuilder, BatchOptions, ProducerFields, RecordWriter};
 use futures::future::join_all;
 use glommio::sync::Semaphore;
 
@@ -45,6 +45,13 @@ struct Cursor {
     id: u32,
     seq: Cell<u64>,
     batch: Cell<u64>,
+    /// The idempotent producer's id and epoch (`--idempotence on`).
+    identity: Option<(u64, u16)>,
+    /// Per partition: the next record's sequence number.
+    sequences: RefCell<Vec<u32>>,
+    /// Per partition: held from building a batch to queueing it, so that numbered batches
+    /// reach the broker in their order.
+    lanes: Vec<Semaphore>,
 }
 
 impl Cursor {
@@ -55,10 +62,12 @@ impl Cursor {
     }
 }
 
-/// Builds one batch of `count` messages with send times from `sent_ns(i)`; returns the bytes.
+/// Builds one batch of `count` messages for `partition` with send times from `sent_ns(i)`;
+/// returns the bytes.
 fn build_batch(
     shared: &Shared,
     cursor: &Cursor,
+    partition: u32,
     builder: &mut BatchBuilder,
     scratch: &mut Vec<u8>,
     count: usize,
@@ -84,7 +93,21 @@ fn build_batch(
             ..RecordWriter::default()
         });
     }
-    builder.finish()
+    let producer = cursor.identity.map(|(producer_id, epoch)| {
+        let mut sequences = cursor.sequences.borrow_mut();
+        let next = &mut sequences[partition as usize];
+        let base_sequence = *next;
+        *next = next.wrapping_add(count as u32);
+        ProducerFields {
+            producer_id,
+            epoch,
+            base_sequence,
+        }
+    });
+    builder.finish_with(BatchOptions {
+        codec: shared.args.codec(),
+        producer,
+    })
 }
 
 /// Messages per batch: as many as fit in `--batch-bytes`.
@@ -94,25 +117,21 @@ pub fn messages_per_batch(args: &Args) -> usize {
     ((args.batch_bytes.saturating_sub(64)) / per_message).max(1)
 }
 
-async fn send(shared: &Shared, partition: u32, bytes: Bytes, sent: &[u64]) {
-    match shared
-        .client
-        .produce_submit(&shared.topic, partition, bytes)
-        .await
-    {
-        Ok(reply) => complete(shared, partition, reply, sent).await,
-        Err(e) => shared
-            .stats
-            .error(format!("produce to partition {partition}: {e}")),
-    }
-}
-
-/// Waits for a produce's reply and records its messages.
-async fn complete(shared: &Shared, partition: u32, reply: corebus::client::Reply, sent: &[u64]) {
+/// Waits for a produce's reply and records its messages (and the batch's `wire_bytes`).
+async fn complete(
+    shared: &Shared,
+    partition: u32,
+    reply: corebus::client::Reply,
+    sent: &[u64],
+    wire_bytes: usize,
+) {
     let result = corebus::client::produce_result(reply, partition).await;
     let acked_ns = shared.clock.now_ns();
     match result {
         Ok((_, last)) => {
+            if let Some(&first) = sent.first() {
+                shared.stats.acked_batch(first, wire_bytes);
+            }
             for &s in sent {
                 shared.stats.acked(s, acked_ns, shared.args.message_size);
             }
@@ -132,10 +151,25 @@ pub async fn run(shared: Rc<Shared>) {
     let producers = (0..shared.args.producers).map(|id| {
         let shared = Rc::clone(&shared);
         async move {
+            let identity = if shared.args.idempotence {
+                match shared.client.init_producer(None).await {
+                    Ok(identity) => Some(identity),
+                    Err(e) => {
+                        shared.stats.error(format!("producer {id}: InitProducer: {e}"));
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
+            let partitions = shared.args.partitions as usize;
             let cursor = Rc::new(Cursor {
                 id,
                 seq: Cell::new(0),
                 batch: Cell::new(0),
+                identity,
+                sequences: RefCell::new(vec![0; partitions]),
+                lanes: (0..partitions).map(|_| Semaphore::new(1)).collect(),
             });
             match shared.args.rate {
                 None => closed_loop(shared, cursor).await,
@@ -157,17 +191,32 @@ async fn closed_loop(shared: Rc<Shared>, cursor: Rc<Cursor>) {
             while shared.clock.now_ns() < shared.stop_ns {
                 let partition =
                     cursor.next_partition(shared.args.partitions, shared.args.producers);
+                let Ok(lane) = cursor.lanes[partition as usize].acquire_permit(1).await else {
+                    break;
+                };
                 let now = shared.clock.now_ns();
                 let bytes = build_batch(
                     &shared,
                     &cursor,
+                    partition,
                     &mut builder,
                     &mut scratch,
                     per_batch,
                     |_| now,
                 );
                 sent.iter_mut().for_each(|s| *s = now);
-                send(&shared, partition, Bytes::from(bytes), &sent).await;
+                let wire_bytes = bytes.len();
+                let reply = shared
+                    .client
+                    .produce_submit(&shared.topic, partition, Bytes::from(bytes))
+                    .await;
+                drop(lane);
+                match reply {
+                    Ok(reply) => complete(&shared, partition, reply, &sent, wire_bytes).await,
+                    Err(e) => shared
+                        .stats
+                        .error(format!("produce to partition {partition}: {e}")),
+                }
             }
         }
     });
@@ -197,12 +246,19 @@ async fn open_loop(shared: Rc<Shared>, cursor: Rc<Cursor>, rate: u64) {
         let count = (due as usize).clamp(1, per_batch);
         let first = next;
         shared.stats.sent_late(send_at, now);
-        let bytes = build_batch(&shared, &cursor, &mut builder, &mut scratch, count, |i| {
-            intended(first + i as u64)
-        });
+        let partition = cursor.next_partition(shared.args.partitions, shared.args.producers);
+        let bytes = build_batch(
+            &shared,
+            &cursor,
+            partition,
+            &mut builder,
+            &mut scratch,
+            count,
+            |i| intended(first + i as u64),
+        );
+        let wire_bytes = bytes.len();
         let sent: Vec<u64> = (0..count as u64).map(|i| intended(first + i)).collect();
         next += count as u64;
-        let partition = cursor.next_partition(shared.args.partitions, shared.args.producers);
         let Ok(permit) = permits.acquire_static_permit(1).await else {
             break;
         };
@@ -223,7 +279,7 @@ async fn open_loop(shared: Rc<Shared>, cursor: Rc<Cursor>, rate: u64) {
         };
         let shared = Rc::clone(&shared);
         glommio::spawn_local(async move {
-            complete(&shared, partition, reply, &sent).await;
+            complete(&shared, partition, reply, &sent, wire_bytes).await;
             drop(permit);
         })
         .detach();

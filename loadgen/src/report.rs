@@ -37,6 +37,7 @@ pub fn build(
     consume_window: Duration,
     extra_errors: u64,
     host_cpu: &[CpuShare],
+    disk_bytes: u64,
 ) -> Report {
     let secs = measured.as_secs_f64().max(1e-9);
     let consume_secs = consume_window.as_secs_f64().max(1e-9);
@@ -53,6 +54,8 @@ pub fn build(
             "bytes": stats.produced_bytes.get(),
             "msgs_per_sec": stats.produced.get() as f64 / secs,
             "mb_per_sec": stats.produced_bytes.get() as f64 / 1e6 / secs,
+            "wire_bytes": stats.produced_wire_bytes.get(),
+            "wire_mb_per_sec": stats.produced_wire_bytes.get() as f64 / 1e6 / secs,
             "ack_latency_us": latency_json(&stats.ack_latency.borrow()),
         },
         "consume": {
@@ -65,6 +68,10 @@ pub fn build(
         "host": {
             "cpus": host_cpu,
             "max_steal_pct": host::max_steal(host_cpu),
+        },
+        "disk": {
+            "bytes": disk_bytes,
+            "payload_bytes": stats.acked_total.get() * args.message_size as u64,
         },
         "errors": errors,
     });
@@ -107,6 +114,20 @@ pub fn print(report: &Report, stats: &Stats) {
         j["consume"]["messages"],
         f(&j["consume"]["msgs_per_sec"]),
         f(&j["consume"]["mb_per_sec"])
+    );
+    println!(
+        "{:<22} {:>14} {:>14} {:>12.1}",
+        "produce on the wire",
+        j["produce"]["wire_bytes"],
+        "",
+        f(&j["produce"]["wire_mb_per_sec"])
+    );
+    let (disk, payload) = (f(&j["disk"]["bytes"]), f(&j["disk"]["payload_bytes"]));
+    println!(
+        "on disk: {:.1} MB for {:.1} MB of payload acknowledged ({:.2} bytes per payload byte)",
+        disk / 1e6,
+        payload / 1e6,
+        disk / payload.max(1.0)
     );
     println!();
     println!(

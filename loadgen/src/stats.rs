@@ -36,6 +36,8 @@ pub struct Stats {
     pub produced: Cell<u64>,
     /// Bytes of values acknowledged after the warmup.
     pub produced_bytes: Cell<u64>,
+    /// Batch bytes of those messages as sent (compressed, with batch and record headers).
+    pub produced_wire_bytes: Cell<u64>,
     /// Messages acknowledged in total (verification).
     pub acked_total: Cell<u64>,
     /// Messages consumed after the warmup.
@@ -67,6 +69,7 @@ impl Stats {
         Self {
             produced: Cell::new(0),
             produced_bytes: Cell::new(0),
+            produced_wire_bytes: Cell::new(0),
             acked_total: Cell::new(0),
             consumed: Cell::new(0),
             consumed_bytes: Cell::new(0),
@@ -101,6 +104,15 @@ impl Stats {
             .set(self.produced_bytes.get() + bytes as u64);
         let micros = (acked_ns.saturating_sub(sent_ns) / 1000).max(1);
         let _ = self.ack_latency.borrow_mut().record(micros);
+    }
+
+    /// Records an acknowledged batch of `wire_bytes` (as sent: compressed, headers included)
+    /// whose first message was sent at `sent_ns`.
+    pub fn acked_batch(&self, sent_ns: u64, wire_bytes: usize) {
+        if sent_ns >= self.measure_from_ns.get() {
+            self.produced_wire_bytes
+                .set(self.produced_wire_bytes.get() + wire_bytes as u64);
+        }
     }
 
     /// Records an open-loop batch scheduled for `due_ns` and sent at `sent_ns`.

@@ -96,6 +96,10 @@ pub struct BrokerConfig {
     /// A subscription stops locking new events of a partition while this many are unsettled
     /// there (bounds its memory).
     pub max_unsettled_per_partition: usize,
+    /// Idempotent producers remembered per partition at most (least recently seen go).
+    pub max_producers_per_partition: usize,
+    /// An idempotent producer idle this long is forgotten by the partitions.
+    pub producer_expiry_ms: u64,
     /// Consumer groups with committed offsets one partition may hold; a commit of a new
     /// group beyond it is refused (the offsets are kept in memory).
     pub max_groups_per_partition: usize,
@@ -147,6 +151,8 @@ impl BrokerConfig {
             max_receive_bytes: 4 << 20,
             max_settle_tokens: 10_000,
             max_unsettled_per_partition: 100_000,
+            max_producers_per_partition: 10_000,
+            producer_expiry_ms: 24 * 3600 * 1000,
             max_groups_per_partition: 10_000,
             subscription_sweep_ms: 50,
         }
@@ -182,6 +188,8 @@ impl BrokerConfig {
             probes,
             sync_health,
             metrics,
+            max_producers: self.max_producers_per_partition,
+            producer_expiry_ms: self.producer_expiry_ms,
         }
     }
 
@@ -270,6 +278,11 @@ impl BrokerConfig {
                 "--max-unsettled-per-partition",
                 self.max_unsettled_per_partition as u64,
             ),
+            (
+                "--max-producers-per-partition",
+                self.max_producers_per_partition as u64,
+            ),
+            ("--producer-expiry", self.producer_expiry_ms),
             (
                 "max_pending_bytes_per_partition",
                 self.max_pending_bytes_per_partition as u64,

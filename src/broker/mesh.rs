@@ -91,6 +91,13 @@ pub enum ShardMessage {
         /// Its outcome.
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
+    /// Ask shard 0 for an idempotent producer identity (see `Shard::init_producer`).
+    InitProducer {
+        /// The identity to move to its next epoch; `None`: a new one.
+        previous: Option<(u64, u16)>,
+        /// The identity, or why not.
+        reply: oneshot::Sender<Result<(u64, u16), ApiError>>,
+    },
     /// Collect this shard's Prometheus samples.
     Samples {
         /// Where they go.
@@ -232,6 +239,9 @@ async fn handle(shard: &Shard, msg: ShardMessage) {
         }
         ShardMessage::ChangeTopic { change, reply } => {
             let _ = reply.send(shard.change_topic(change).await);
+        }
+        ShardMessage::InitProducer { previous, reply } => {
+            let _ = reply.send(shard.init_producer(previous).await);
         }
         ShardMessage::Samples { reply } => {
             let _ = reply.send(shard.samples());

@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use crate::protocol::wire::TopicCompression;
+use crate::record::Codec;
 use crate::subscription::{Filter, StartPosition, SubscriptionConfig};
 
 /// A topic's settings.
@@ -20,6 +22,8 @@ pub struct TopicConfig {
     pub retention_ms: Option<u64>,
     /// Retention by size per partition; `None` uses the broker's default.
     pub retention_bytes: Option<u64>,
+    /// The codec batches are stored in; `None` keeps what each producer sent.
+    pub compression: Option<Codec>,
 }
 
 impl TopicConfig {
@@ -29,7 +33,45 @@ impl TopicConfig {
             partitions,
             retention_ms: None,
             retention_bytes: None,
+            compression: None,
         }
+    }
+}
+
+/// The topic setting's name for `compression`: `producer` or a codec.
+pub fn compression_name(compression: Option<Codec>) -> &'static str {
+    compression.map_or("producer", Codec::name)
+}
+
+/// Parses the topic setting `compression`: `producer` (keep what producers send) or a codec.
+pub fn parse_compression(s: &str) -> Result<Option<Codec>, String> {
+    match s {
+        "producer" => Ok(None),
+        codec => codec
+            .parse()
+            .map(Some)
+            .map_err(|e: String| format!("{e}, or producer")),
+    }
+}
+
+/// The wire form of the topic setting `compression`.
+pub fn compression_to_wire(compression: Option<Codec>) -> TopicCompression {
+    match compression {
+        None => TopicCompression::Producer,
+        Some(Codec::None) => TopicCompression::None,
+        Some(Codec::Lz4) => TopicCompression::Lz4,
+        Some(Codec::Zstd) => TopicCompression::Zstd,
+    }
+}
+
+/// The topic setting `compression` from the wire; `Err` for a value this broker does not know.
+pub fn compression_from_wire(wire: TopicCompression) -> Result<Option<Codec>, String> {
+    match wire {
+        TopicCompression::Producer => Ok(None),
+        TopicCompression::None => Ok(Some(Codec::None)),
+        TopicCompression::Lz4 => Ok(Some(Codec::Lz4)),
+        TopicCompression::Zstd => Ok(Some(Codec::Zstd)),
+        other => Err(format!("unknown topic compression {}", other.0)),
     }
 }
 
@@ -176,12 +218,18 @@ impl MetadataStore {
             let partitions = entry.get("partitions").and_then(|p| p.as_u64());
             let retention_ms = entry.get("retention_ms").and_then(|v| v.as_u64());
             let retention_bytes = entry.get("retention_bytes").and_then(|v| v.as_u64());
-            match (name, partitions) {
-                (Some(name), Some(p)) if p > 0 && p <= u64::from(u32::MAX) => {
+            // Absent in files written before topics had the setting.
+            let compression = match entry.get("compression").and_then(|v| v.as_str()) {
+                None => Ok(None),
+                Some(name) => parse_compression(name),
+            };
+            match (name, partitions, compression) {
+                (Some(name), Some(p), Ok(compression)) if p > 0 && p <= u64::from(u32::MAX) => {
                     let config = TopicConfig {
                         partitions: p as u32,
                         retention_ms,
                         retention_bytes,
+                        compression,
                     };
                     topics.insert(name.to_string(), config);
                 }
@@ -228,6 +276,7 @@ impl MetadataStore {
                     "partitions": c.partitions,
                     "retention_ms": c.retention_ms,
                     "retention_bytes": c.retention_bytes,
+                    "compression": compression_name(c.compression),
                 })
             })
             .collect();
@@ -235,6 +284,37 @@ impl MetadataStore {
             .to_string();
         crate::storage::atomic_file::replace(&self.path, text.as_bytes())
             .map_err(|e| format!("saving {}: {e}", self.path.display()))
+    }
+}
+
+/// Producer ids are handed out from blocks of this many; the end of the last block is saved
+/// before any id of it is given, so that no id is given twice across restarts.
+pub const PRODUCER_ID_BLOCK: u64 = 1000;
+
+impl MetadataStore {
+    fn producer_ids_path(&self) -> PathBuf {
+        self.path.with_file_name("producer_ids")
+    }
+
+    /// The end of the last block of producer ids handed out (0 if none ever was).
+    pub fn load_producer_id_block_end(&self) -> Result<u64, String> {
+        let path = self.producer_ids_path();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text
+                .trim()
+                .parse()
+                .map_err(|e| format!("{}: not a number: {e}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(format!("reading {}: {e}", path.display())),
+        }
+    }
+
+    /// Saves the end of the block of producer ids about to be handed out, atomically and
+    /// durably (blocking; run off the executor).
+    pub fn save_producer_id_block_end(&self, end: u64) -> Result<(), String> {
+        let path = self.producer_ids_path();
+        crate::storage::atomic_file::replace(&path, format!("{end}\n").as_bytes())
+            .map_err(|e| format!("saving {}: {e}", path.display()))
     }
 }
 

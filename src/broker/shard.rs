@@ -17,12 +17,15 @@ use glommio::sync::Semaphore;
 
 use super::config::BrokerConfig;
 use super::mesh::{PartitionOutcome, ShardMessage, TopicChange};
-use super::metadata::{partition_dir, MetadataStore, TopicConfig, TopicMap};
+use super::metadata::{partition_dir, MetadataStore, TopicConfig, TopicMap, PRODUCER_ID_BLOCK};
 use super::stats::ShardMetrics;
 use super::subscriptions::SubscriptionRegistry;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
-use crate::record::Batch;
+use crate::record::batch::MAGIC_V2;
+use crate::storage::producers::SequenceError;
+use crate::record::compression::{with_shard_compressor, with_shard_decompressor};
+use crate::record::{Batch, BatchLimits, Codec, RecordError};
 use crate::storage::{
     FailureProbes, FetchedData, GroupCommit, LogConfig, PartitionLog, ShardSync, StorageError,
     SyncHealth,
@@ -51,6 +54,8 @@ pub fn storage_to_api(error: StorageError) -> ApiError {
         StorageError::ReadOnly(_) => ErrorCode::ReadOnly,
         StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
         StorageError::Corrupt(_) => ErrorCode::CorruptData,
+        StorageError::Sequence(SequenceError::OutOfOrder { .. }) => ErrorCode::OutOfOrderSequence,
+        StorageError::Sequence(SequenceError::Fenced { .. }) => ErrorCode::ProducerFenced,
     };
     ApiError::new(code, error.to_string())
 }
@@ -85,6 +90,8 @@ pub struct Shard {
     mesh: Senders<ShardMessage>,
     /// Serializes topic creation and deletion (used on shard 0 only).
     topic_changes: Rc<Semaphore>,
+    /// The next producer id to hand out and the end of its saved block (shard 0 only).
+    producer_ids: Cell<(u64, u64)>,
     /// Client requests being handled on this shard, for a graceful shutdown.
     in_flight: Cell<usize>,
     /// Subscription definitions, the subscription state and consumer-group offsets of the
@@ -113,6 +120,9 @@ impl Shard {
         let count = mesh.nr_consumers().max(1);
         let store = MetadataStore::new(&config.data_dir);
         let catalog = store.load()?;
+        // Ids of a block that was saved but not all handed out are skipped: the next id
+        // given is past every id this broker could have given before.
+        let producer_block_end = store.load_producer_id_block_end()?;
         if id == 0 {
             remove_unknown_topic_dirs(&config, &catalog.topics);
         }
@@ -165,6 +175,7 @@ impl Shard {
             starting: Cell::new(true),
             mesh,
             topic_changes: Rc::new(Semaphore::new(1)),
+            producer_ids: Cell::new((producer_block_end, producer_block_end)),
             in_flight: Cell::new(0),
             subs: SubscriptionRegistry::default(),
         });
@@ -246,6 +257,11 @@ impl Shard {
     /// Partition count of `topic`, if it exists.
     pub fn topic_partitions(&self, topic: &str) -> Option<u32> {
         self.topics.borrow().get(topic).map(|c| c.partitions)
+    }
+
+    /// The codec `topic` stores batches in; `None`: as producers send them.
+    fn topic_compression(&self, topic: &str) -> Option<Codec> {
+        self.topics.borrow().get(topic).and_then(|c| c.compression)
     }
 
     /// The storage settings of a topic's logs: the broker's, with the topic's overrides.
@@ -377,11 +393,14 @@ impl Shard {
         bytes: Bytes,
     ) -> Result<(u64, u64), ApiError> {
         let log = self.log(topic, partition)?;
-        let batches = split_batches(
-            &bytes,
-            self.config.max_batch_records,
-            self.config.max_batch_bytes,
-        )?;
+        let limits = BatchLimits {
+            max_records: self.config.max_batch_records,
+            max_records_bytes: self.config.max_frame_bytes,
+        };
+        let mut batches = split_batches(&bytes, limits, self.config.max_batch_bytes)?;
+        if let Some(codec) = self.topic_compression(topic) {
+            recompress_all(&mut batches, codec)?;
+        }
         let ticket = log
             .append(&batches, now_ms())
             .await
@@ -431,6 +450,54 @@ impl Shard {
             outcomes.extend(group);
         }
         outcomes
+    }
+
+    // ------------------------------------------------------------------ producer ids
+
+    /// Hands out an idempotent producer identity: a new id at epoch 0, or `previous` at its
+    /// next epoch. Ids come from shard 0, in blocks saved before use.
+    pub async fn init_producer(
+        &self,
+        previous: Option<(u64, u16)>,
+    ) -> Result<(u64, u16), ApiError> {
+        if self.id != 0 {
+            return self
+                .ask(0, |reply| ShardMessage::InitProducer { previous, reply })
+                .await?;
+        }
+        let _permit = self
+            .topic_changes
+            .acquire_permit(1)
+            .await
+            .map_err(|_| ApiError::new(ErrorCode::ShuttingDown, "broker is shutting down"))?;
+        let (next, end) = self.producer_ids.get();
+        if let Some((id, epoch)) = previous {
+            if id >= next {
+                return Err(ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("producer id {id} was never handed out by this broker"),
+                ));
+            }
+            let epoch = epoch.checked_add(1).ok_or_else(|| {
+                ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("producer {id} is at its last epoch; ask for a new id"),
+                )
+            })?;
+            return Ok((id, epoch));
+        }
+        if next == end {
+            let new_end = end + PRODUCER_ID_BLOCK;
+            let store = MetadataStore::new(&self.config.data_dir);
+            glommio::executor()
+                .spawn_blocking(move || store.save_producer_id_block_end(new_end))
+                .await
+                .map_err(|e| ApiError::new(ErrorCode::StorageError, e))?;
+            self.producer_ids.set((next, new_end));
+        }
+        let (next, end) = self.producer_ids.get();
+        self.producer_ids.set((next + 1, end));
+        Ok((next, 0))
     }
 
     // ------------------------------------------------------------------ fetch
@@ -685,18 +752,14 @@ impl Shard {
 /// Splits the bytes of one partition's produce into whole, validated batches.
 fn split_batches(
     bytes: &Bytes,
-    max_records: u32,
+    limits: BatchLimits,
     max_batch_bytes: usize,
 ) -> Result<Vec<Bytes>, ApiError> {
     let mut batches = Vec::new();
     let mut at = 0usize;
     while at < bytes.len() {
-        let header = crate::record::BatchHeader::parse(&bytes[at..]).map_err(|e| {
-            ApiError::new(
-                ErrorCode::CorruptBatch,
-                format!("batch at byte {at} of the request: {e}"),
-            )
-        })?;
+        let header =
+            crate::record::BatchHeader::parse(&bytes[at..]).map_err(|e| corrupt_batch(at, e))?;
         if header.batch_len() as usize > max_batch_bytes {
             return Err(ApiError::new(
                 ErrorCode::TooLarge,
@@ -706,13 +769,10 @@ fn split_batches(
                 ),
             ));
         }
-        let batch = Batch::validate(&bytes[at..], max_records).map_err(|e| {
-            ApiError::new(
-                ErrorCode::CorruptBatch,
-                format!("batch at byte {at} of the request: {e}"),
-            )
-        })?;
-        let len = batch.as_bytes().len();
+        let batch = with_shard_decompressor(|d| {
+            Batch::validate(&bytes[at..], limits, d).map(|b| b.as_bytes().len())
+        });
+        let len = batch.map_err(|e| corrupt_batch(at, e))?;
         batches.push(bytes.slice(at..at + len));
         at += len;
     }
@@ -722,7 +782,40 @@ fn split_batches(
             "produce carries no record batch",
         ));
     }
+    let idempotent = |b: &Bytes| {
+        crate::record::BatchHeader::parse(b).is_ok_and(|h| h.producer().is_some())
+    };
+    if batches.len() > 1 && batches.iter().any(idempotent) {
+        return Err(ApiError::new(
+            ErrorCode::InvalidRequest,
+            "an idempotent producer's batch must be the only batch of its partition in a produce",
+        ));
+    }
     Ok(batches)
+}
+
+/// Rewrites the batches that are not in `codec` (the topic setting `compression`), on this
+/// shard with its reused (de)compressor.
+fn recompress_all(batches: &mut [Bytes], codec: Codec) -> Result<(), ApiError> {
+    for bytes in batches.iter_mut() {
+        let batch = Batch::trusted(bytes).map_err(|e| corrupt_batch(0, e))?;
+        if batch.header().magic() == MAGIC_V2 && batch.header().codec() == Some(codec) {
+            continue;
+        }
+        let rewritten = with_shard_decompressor(|d| {
+            with_shard_compressor(|c| crate::record::batch::recompress(&batch, codec, d, c))
+        })
+        .map_err(|e| corrupt_batch(0, e))?;
+        *bytes = Bytes::from(rewritten);
+    }
+    Ok(())
+}
+
+fn corrupt_batch(at: usize, e: RecordError) -> ApiError {
+    ApiError::new(
+        ErrorCode::CorruptBatch,
+        format!("batch at byte {at} of the request: {e}"),
+    )
 }
 
 fn unknown_topic(topic: &str) -> ApiError {

@@ -30,7 +30,7 @@ use super::shard::{failure_key, now_ms, owner_of, shard_gone, storage_to_api, Sh
 use crate::groups::GroupOffsets;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
-use crate::record::{BatchBuilder, RecordIter, RecordWriter, HEADER_LEN};
+use crate::record::{BatchBuilder, RecordIter, RecordWriter, V2_HEADER_LEN};
 use crate::storage::disk_trace;
 use crate::subscription::partition::{PartitionLimits, SettleAction, Settled};
 use crate::subscription::{
@@ -908,7 +908,7 @@ impl Shard {
                 continue;
             }
             let alone = scratch.size_bytes();
-            let record_bytes = alone - HEADER_LEN;
+            let record_bytes = alone - V2_HEADER_LEN;
             scratch.finish();
             if alone > limit {
                 let why =

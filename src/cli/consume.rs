@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use corebus::client::{Client, ClientError};
-use corebus::record::{BatchIter, Record};
+use corebus::record::{BatchIter, Decompressor, Record};
 use futures::future::join_all;
 
 use super::{parse_duration, ClientArgs};
@@ -178,6 +178,7 @@ pub async fn run(args: ConsumeArgs) -> Result<ExitCode, String> {
     let mut last_message = Instant::now();
     let poll_ms = args.idle_timeout.as_millis().clamp(1, 500) as u32;
     let stdout = std::io::stdout();
+    let mut decompressor = Decompressor::new();
     while printed < limit {
         let fetches = partitions
             .iter()
@@ -193,7 +194,10 @@ pub async fn run(args: ConsumeArgs) -> Result<ExitCode, String> {
                 let batch =
                     batch.map_err(|e| format!("{}/{partition}: bad batch: {e}", args.topic))?;
                 let base = batch.header().base_offset();
-                for record in batch.records() {
+                let records = batch
+                    .records(&mut decompressor)
+                    .map_err(|e| format!("{}/{partition}: bad batch: {e}", args.topic))?;
+                for record in records {
                     let record = record.map_err(|e| format!("{}/{partition}: {e}", args.topic))?;
                     let offset = base + u64::from(record.offset_delta);
                     if offset < next[i] || printed >= limit {

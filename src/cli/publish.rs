@@ -7,7 +7,7 @@ use std::rc::Rc;
 
 use corebus::broker::shard::{fnv1a_64, now_ms};
 use corebus::client::{Producer, ProducerOptions};
-use corebus::record::RecordWriter;
+use corebus::record::{Codec, RecordWriter};
 use corebus::subscription::Nonces;
 use futures::channel::oneshot;
 use glommio::channels::local_channel;
@@ -46,8 +46,28 @@ pub struct PublishArgs {
     /// A header (CloudEvents extension attribute) of every message: KEY=VALUE; repeatable.
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// Codec of the batches sent: none, lz4 or zstd.
+    #[arg(long, default_value = "none")]
+    compression: Codec,
+    /// Idempotent publishing: batches are numbered, and resent after a lost connection or a
+    /// broker restart without being written twice. `off`: a resend may write a batch twice.
+    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    idempotence: bool,
+    /// How long a batch is resent after failures that may pass (a lost connection, a broker
+    /// restarting); 0: never.
+    #[arg(long, default_value = "2m", value_parser = super::parse_millis)]
+    delivery_timeout: u64,
     #[command(flatten)]
     client: ClientArgs,
+}
+
+/// Parses `on` / `off`.
+pub fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        other => Err(format!("expected on or off, got '{other}'")),
+    }
 }
 
 /// Reads whatever whole lines stdin has (at least one, or none at end of input), off the
@@ -148,6 +168,9 @@ pub async fn run(args: PublishArgs) -> Result<ExitCode, String> {
     }
     let options = ProducerOptions {
         batch_max_records: args.batch_records.max(1),
+        compression: args.compression,
+        idempotence: args.idempotence,
+        delivery_timeout: std::time::Duration::from_millis(args.delivery_timeout),
         ..ProducerOptions::default()
     };
     let mut producer = Producer::new(Rc::clone(&client), &args.topic, options);

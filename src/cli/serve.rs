@@ -137,6 +137,12 @@ pub struct ServeArgs {
     /// Consumer groups with committed offsets one partition may hold [default: 10000].
     #[arg(long)]
     max_groups_per_partition: Option<usize>,
+    /// Idempotent producers each partition remembers at most; the least recently seen go [default: 10000].
+    #[arg(long)]
+    max_producers_per_partition: Option<usize>,
+    /// A partition forgets an idempotent producer idle this long [default: 1d].
+    #[arg(long, value_parser = parse_millis)]
+    producer_expiry: Option<u64>,
 }
 
 impl ServeArgs {
@@ -187,6 +193,8 @@ impl ServeArgs {
         set!(max_subscriptions_per_topic => max_subscriptions_per_topic);
         set!(max_unsettled_per_partition => max_unsettled_per_partition);
         set!(max_groups_per_partition => max_groups_per_partition);
+        set!(max_producers_per_partition => max_producers_per_partition);
+        set!(producer_expiry => producer_expiry_ms);
         if self.metrics_listen.is_some() {
             config.metrics_listen = self.metrics_listen;
         }

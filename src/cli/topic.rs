@@ -2,6 +2,8 @@
 
 use std::process::ExitCode;
 
+use corebus::broker::metadata::{parse_compression, TopicConfig};
+
 use super::ClientArgs;
 
 /// Topic subcommands.
@@ -21,6 +23,10 @@ pub enum TopicCommand {
         /// Keep each partition under about this size (e.g. 10GiB); default: the broker's.
         #[arg(long, value_parser = super::parse_bytes)]
         retention_bytes: Option<u64>,
+        /// How the topic stores batches: `producer` keeps what each producer sent; `none`,
+        /// `lz4` or `zstd` recompresses on the broker.
+        #[arg(long, default_value = "producer")]
+        compression: String,
     },
     /// List topics and their partition counts.
     List,
@@ -40,9 +46,16 @@ pub async fn run(command: TopicCommand, args: ClientArgs) -> Result<ExitCode, St
             partitions,
             retention_ms,
             retention_bytes,
+            compression,
         } => {
+            let config = TopicConfig {
+                partitions,
+                retention_ms,
+                retention_bytes,
+                compression: parse_compression(&compression)?,
+            };
             client
-                .create_topic_with(&name, partitions, retention_ms, retention_bytes)
+                .create_topic_with(&name, config)
                 .await
                 .map_err(|e| format!("creating topic '{name}': {e}"))?;
             println!("created topic {name} with {partitions} partitions");

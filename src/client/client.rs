@@ -11,6 +11,7 @@ use flatbuffers::FlatBufferBuilder;
 use super::connection::{Connection, Reply};
 use super::requests;
 use super::ClientError;
+use crate::broker::metadata::{self, TopicConfig};
 use crate::protocol::message::{finish_request, parse_response, ApiError};
 use crate::protocol::{wire, DEFAULT_MAX_FRAME_BYTES};
 
@@ -100,7 +101,8 @@ pub struct Stats {
 
 /// A connection to a corebus broker, routing by partition.
 pub struct Client {
-    bootstrap: Rc<Connection>,
+    /// The connection to the address given, made again when it closed.
+    bootstrap: RefCell<Rc<Connection>>,
     options: ClientOptions,
     shard_connections: RefCell<HashMap<u16, Rc<Connection>>>,
     partitions: RefCell<HashMap<String, Vec<PartitionInfo>>>,
@@ -120,32 +122,67 @@ impl Client {
             .ok_or_else(|| ClientError::Io(format!("{addr} resolves to no address")))?;
         let bootstrap = Connection::connect(resolved, options.max_frame_bytes).await?;
         Ok(Self {
-            bootstrap,
+            bootstrap: RefCell::new(bootstrap),
             options,
             shard_connections: RefCell::new(HashMap::new()),
             partitions: RefCell::new(HashMap::new()),
         })
     }
 
-    /// The bootstrap connection.
-    pub fn bootstrap(&self) -> &Rc<Connection> {
-        &self.bootstrap
+    /// The bootstrap connection as it is now (possibly closed; see
+    /// [`Client::bootstrap_connection`]).
+    pub fn bootstrap(&self) -> Rc<Connection> {
+        Rc::clone(&self.bootstrap.borrow())
+    }
+
+    /// The bootstrap connection, connected again first if it closed (the broker restarted).
+    pub async fn bootstrap_connection(&self) -> Result<Rc<Connection>, ClientError> {
+        let current = self.bootstrap();
+        if !current.is_closed() {
+            return Ok(current);
+        }
+        let conn = Connection::connect(current.addr(), self.options.max_frame_bytes).await?;
+        let mut slot = self.bootstrap.borrow_mut();
+        if slot.is_closed() {
+            *slot = Rc::clone(&conn);
+        }
+        Ok(Rc::clone(&slot))
+    }
+
+    /// Asks for an idempotent producer identity: a new one, or `previous` at its next epoch
+    /// (which fences batches of the older one).
+    pub async fn init_producer(
+        &self,
+        previous: Option<(u64, u16)>,
+    ) -> Result<(u64, u16), ClientError> {
+        let frame = self
+            .bootstrap_connection()
+            .await?
+            .call(|id| requests::init_producer(id, previous))
+            .await?;
+        let response = parse_response(&frame)?;
+        if let Some(e) = ApiError::from_wire(response.error()) {
+            return Err(ClientError::Api(e));
+        }
+        let body = expect_body(response.body_as_init_producer_response(), "producer id")?;
+        Ok((body.producer_id(), body.producer_epoch()))
     }
 
     /// Creates a topic with the broker's default retention.
     pub async fn create_topic(&self, name: &str, partitions: u32) -> Result<(), ClientError> {
-        self.create_topic_with(name, partitions, None, None).await
+        self.create_topic_with(name, TopicConfig::with_partitions(partitions))
+            .await
     }
 
-    /// Creates a topic with its own retention by age and by size per partition.
+    /// Creates a topic with its own settings: retention by age and by size per partition,
+    /// and compression.
     pub async fn create_topic_with(
         &self,
         name: &str,
-        partitions: u32,
-        retention_ms: Option<u64>,
-        retention_bytes: Option<u64>,
+        config: TopicConfig,
     ) -> Result<(), ClientError> {
-        self.bootstrap
+        self.bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(128);
                 let name = fbb.create_string(name);
@@ -153,9 +190,10 @@ impl Client {
                     &mut fbb,
                     &wire::CreateTopicRequestArgs {
                         name: Some(name),
-                        partitions,
-                        retention_ms: crate::broker::metadata::to_wire(retention_ms),
-                        retention_bytes: crate::broker::metadata::to_wire(retention_bytes),
+                        partitions: config.partitions,
+                        retention_ms: metadata::to_wire(config.retention_ms),
+                        retention_bytes: metadata::to_wire(config.retention_bytes),
+                        compression: metadata::compression_to_wire(config.compression),
                     },
                 );
                 finish_request(
@@ -171,7 +209,8 @@ impl Client {
 
     /// Deletes a topic and its data.
     pub async fn delete_topic(&self, name: &str) -> Result<(), ClientError> {
-        self.bootstrap
+        self.bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(128);
                 let name = fbb.create_string(name);
@@ -193,7 +232,7 @@ impl Client {
 
     /// Lists (topic, partition count).
     pub async fn list_topics(&self) -> Result<Vec<(String, u32)>, ClientError> {
-        let frame = self.bootstrap.call(requests::list_topics).await?;
+        let frame = self.bootstrap_connection().await?.call(requests::list_topics).await?;
         let response = parse_response(&frame)?;
         let body = expect_body(response.body_as_list_topics_response(), "topic list")?;
         Ok(body
@@ -207,7 +246,8 @@ impl Client {
     /// Every shard's and partition's figures.
     pub async fn stats(&self) -> Result<Stats, ClientError> {
         let frame = self
-            .bootstrap
+            .bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(64);
                 let body = wire::StatsRequest::create(&mut fbb, &wire::StatsRequestArgs {});
@@ -252,7 +292,8 @@ impl Client {
     /// Fetches metadata for `topics` (all topics if empty) and caches partition routes.
     pub async fn metadata(&self, topics: &[&str]) -> Result<Metadata, ClientError> {
         let frame = self
-            .bootstrap
+            .bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(256);
                 let names: Vec<_> = topics.iter().map(|t| fbb.create_string(t)).collect();
@@ -334,19 +375,19 @@ impl Client {
         partition: u32,
     ) -> Result<Rc<Connection>, ClientError> {
         if !self.options.shard_aware {
-            return Ok(Rc::clone(&self.bootstrap));
+            return self.bootstrap_connection().await;
         }
         let routes = self.partition_routes(topic).await?;
         let Some(route) = routes.get(partition as usize) else {
             // Unknown partition: let the broker say so.
-            return Ok(Rc::clone(&self.bootstrap));
+            return self.bootstrap_connection().await;
         };
         if let Some(conn) = self.shard_connections.borrow().get(&route.port) {
             if !conn.is_closed() {
                 return Ok(Rc::clone(conn));
             }
         }
-        let addr = SocketAddr::new(self.bootstrap.addr().ip(), route.port);
+        let addr = SocketAddr::new(self.bootstrap().addr().ip(), route.port);
         let conn = Connection::connect(addr, self.options.max_frame_bytes).await?;
         // Callers that connected at the same time all use the first connection made, so that
         // requests queued one after another stay in order on one socket.

@@ -3,26 +3,46 @@
 //! Every record gets a receiver that resolves to its offset when the broker acknowledges it.
 //! Batches reach the broker in the order they were sent, so a partition stores them in that
 //! order: only the waits for the replies run concurrently.
+//!
+//! Idempotence (on by default): the producer asks the broker for an id (`InitProducer`),
+//! numbers each partition's records, keeps at most [`MAX_IN_FLIGHT_PER_PARTITION`] batches
+//! of a partition unanswered, and resends a batch that failed for a reason that may pass
+//! (connection lost, broker restarting) with the same numbers until `delivery_timeout`: the
+//! partition recognises a batch it already has and answers with its original offsets, so
+//! nothing is written twice. Without idempotence the same retries may write a batch twice.
 
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeSet, HashMap};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::channel::oneshot;
 use glommio::sync::Semaphore;
 
 use super::{produce_result, Client, ClientError};
-use crate::record::{BatchBuilder, RecordWriter};
+use crate::protocol::wire::ErrorCode;
+use crate::record::{BatchBuilder, BatchOptions, Codec, ProducerFields, RecordWriter};
+
+/// Batches of one partition an idempotent producer has unanswered at most: the partition
+/// remembers this many per producer, so that any of them can be recognised when resent.
+pub const MAX_IN_FLIGHT_PER_PARTITION: usize = 5;
 
 /// Tunables of a [`Producer`].
 #[derive(Clone, Debug)]
 pub struct ProducerOptions {
-    /// A batch is sent once it reaches this many bytes.
+    /// A batch is sent once it reaches this many bytes (uncompressed).
     pub batch_max_bytes: usize,
     /// ... or this many records.
     pub batch_max_records: u32,
     /// Produce requests outstanding at once.
     pub max_in_flight: usize,
+    /// Codec of the batches' records.
+    pub compression: Codec,
+    /// Number the batches so that resends are not written twice.
+    pub idempotence: bool,
+    /// How long a batch is resent after failures that may pass; zero: never resent.
+    pub delivery_timeout: Duration,
 }
 
 impl Default for ProducerOptions {
@@ -31,6 +51,9 @@ impl Default for ProducerOptions {
             batch_max_bytes: 1 << 20,
             batch_max_records: 10_000,
             max_in_flight: 32,
+            compression: Codec::None,
+            idempotence: true,
+            delivery_timeout: Duration::from_secs(120),
         }
     }
 }
@@ -43,6 +66,28 @@ struct OpenBatch {
     acks: Vec<oneshot::Sender<Result<u64, ClientError>>>,
 }
 
+/// An idempotent producer's numbering of one partition.
+struct PartitionSequence {
+    /// Sequence of the next record (as a counter that does not wrap; the wire carries its
+    /// low 32 bits).
+    next: Cell<u64>,
+    /// Base sequences of the batches sent and not yet answered for good.
+    unanswered: RefCell<BTreeSet<u64>>,
+    /// Limits those to [`MAX_IN_FLIGHT_PER_PARTITION`].
+    permits: Rc<Semaphore>,
+}
+
+/// What a batch's sender task needs.
+struct Sending {
+    client: Rc<Client>,
+    topic: Rc<str>,
+    partition: u32,
+    bytes: Bytes,
+    delivery_timeout: Duration,
+    /// The partition's numbering, for an idempotent producer.
+    sequence: Option<(Rc<PartitionSequence>, u64)>,
+}
+
 /// Produces records to one topic.
 pub struct Producer {
     client: Rc<Client>,
@@ -50,6 +95,11 @@ pub struct Producer {
     options: ProducerOptions,
     open: HashMap<u32, OpenBatch>,
     permits: Rc<Semaphore>,
+    /// The id and epoch from `InitProducer`, asked for with the first batch.
+    identity: Option<(u64, u16)>,
+    sequences: HashMap<u32, Rc<PartitionSequence>>,
+    /// Set when a batch failed for good, so that the caller learns it also from `flush`.
+    failed: Rc<Cell<bool>>,
 }
 
 impl Producer {
@@ -62,7 +112,20 @@ impl Producer {
             options,
             open: HashMap::new(),
             permits,
+            identity: None,
+            sequences: HashMap::new(),
+            failed: Rc::new(Cell::new(false)),
         }
+    }
+
+    /// The producer id and epoch, once the first idempotent batch asked for them.
+    pub fn identity(&self) -> Option<(u64, u16)> {
+        self.identity
+    }
+
+    /// True once some batch failed for good (its records' acks carry the error).
+    pub fn has_failed(&self) -> bool {
+        self.failed.get()
     }
 
     /// Adds a record to `partition`'s open batch, sending the batch if it is full.
@@ -98,6 +161,26 @@ impl Producer {
         }
     }
 
+    /// The producer's id and epoch, asking the broker on first use.
+    async fn identity_or_init(&mut self) -> Result<(u64, u16), ClientError> {
+        if let Some(identity) = self.identity {
+            return Ok(identity);
+        }
+        let started = Instant::now();
+        loop {
+            match self.client.init_producer(None).await {
+                Ok(identity) => {
+                    self.identity = Some(identity);
+                    return Ok(identity);
+                }
+                Err(e) if retriable(&e) && started.elapsed() < self.options.delivery_timeout => {
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     async fn send_batch(&mut self, partition: u32) {
         let Some(mut open) = self.open.remove(&partition) else {
             return;
@@ -105,25 +188,76 @@ impl Producer {
         if open.builder.is_empty() {
             return;
         }
-        let bytes = open.builder.finish();
         let acks = std::mem::take(&mut open.acks);
-        let Ok(permit) = self.permits.acquire_static_permit(1).await else {
-            let e = ClientError::Closed("producer is closed".into());
+        let fail = |acks: Vec<oneshot::Sender<_>>, e: ClientError| {
             for ack in acks {
                 let _ = ack.send(Err(e.clone()));
             }
-            return;
+        };
+        let count = open.builder.len();
+        let mut options = BatchOptions {
+            codec: self.options.compression,
+            producer: None,
+        };
+        let mut sequence = None;
+        if self.options.idempotence {
+            let (producer_id, epoch) = match self.identity_or_init().await {
+                Ok(identity) => identity,
+                Err(e) => {
+                    self.failed.set(true);
+                    return fail(acks, e);
+                }
+            };
+            let seq = Rc::clone(self.sequences.entry(partition).or_insert_with(|| {
+                Rc::new(PartitionSequence {
+                    next: Cell::new(0),
+                    unanswered: RefCell::new(BTreeSet::new()),
+                    permits: Rc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PARTITION as u64)),
+                })
+            }));
+            options.producer = Some(ProducerFields {
+                producer_id,
+                epoch,
+                base_sequence: seq.next.get() as u32,
+            });
+            sequence = Some((seq, u64::from(count)));
+        }
+        let bytes = Bytes::from(open.builder.finish_with(options));
+        let Ok(permit) = self.permits.acquire_static_permit(1).await else {
+            return fail(acks, ClientError::Closed("producer is closed".into()));
+        };
+        let sequence = match sequence {
+            Some((seq, count)) => {
+                let Ok(partition_permit) = seq.permits.acquire_static_permit(1).await else {
+                    return fail(acks, ClientError::Closed("producer is closed".into()));
+                };
+                let base = seq.next.get();
+                seq.next.set(base + count);
+                seq.unanswered.borrow_mut().insert(base);
+                Some((seq, base, partition_permit))
+            }
+            None => None,
         };
         // Queued here, in order; a task per request would race to the socket.
-        let reply = self
+        let first = self
             .client
-            .produce_submit(&self.topic, partition, Bytes::from(bytes))
+            .produce_submit(&self.topic, partition, bytes.clone())
             .await;
+        let sending = Sending {
+            client: Rc::clone(&self.client),
+            topic: Rc::clone(&self.topic),
+            partition,
+            bytes,
+            delivery_timeout: self.options.delivery_timeout,
+            sequence: sequence.as_ref().map(|(s, base, _)| (Rc::clone(s), *base)),
+        };
+        let failed = Rc::clone(&self.failed);
         glommio::spawn_local(async move {
-            let result = match reply {
-                Ok(reply) => produce_result(reply, partition).await,
-                Err(e) => Err(e),
-            };
+            let result = sending.deliver(first).await;
+            if let Some((seq, base, partition_permit)) = sequence {
+                seq.unanswered.borrow_mut().remove(&base);
+                drop(partition_permit);
+            }
             drop(permit);
             match result {
                 Ok((base, _)) => {
@@ -132,12 +266,77 @@ impl Producer {
                     }
                 }
                 Err(e) => {
-                    for ack in acks {
-                        let _ = ack.send(Err(e.clone()));
-                    }
+                    failed.set(true);
+                    fail(acks, e);
                 }
             }
         })
         .detach();
+    }
+}
+
+impl Sending {
+    /// Waits for the first attempt's reply and resends while the failure may pass.
+    async fn deliver(
+        &self,
+        first: Result<super::Reply, ClientError>,
+    ) -> Result<(u64, u64), ClientError> {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(20);
+        let mut attempt = first;
+        loop {
+            let result = match attempt {
+                Ok(reply) => produce_result(reply, self.partition).await,
+                Err(e) => Err(e),
+            };
+            let e = match result {
+                Ok(offsets) => return Ok(offsets),
+                Err(e) => e,
+            };
+            if !self.may_resend(&e) || started.elapsed() + backoff > self.delivery_timeout {
+                return Err(e);
+            }
+            glommio::timer::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            attempt = self
+                .client
+                .produce_submit(&self.topic, self.partition, self.bytes.clone())
+                .await;
+        }
+    }
+
+    /// Whether a failed attempt is worth resending: a failure that may pass, or (for an
+    /// idempotent producer) a gap that an earlier batch's resend will close.
+    fn may_resend(&self, e: &ClientError) -> bool {
+        if self.delivery_timeout.is_zero() {
+            return false;
+        }
+        if retriable(e) {
+            return true;
+        }
+        let out_of_order = e
+            .api()
+            .is_some_and(|a| a.code == ErrorCode::OutOfOrderSequence);
+        match &self.sequence {
+            Some((seq, base)) if out_of_order => seq
+                .unanswered
+                .borrow()
+                .first()
+                .is_some_and(|first| first < base),
+            _ => false,
+        }
+    }
+}
+
+/// Failures after which the same request may succeed: the connection or the broker went
+/// away, or a shard could not be reached for now.
+pub fn retriable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Io(_) | ClientError::Closed(_) => true,
+        ClientError::Api(a) => matches!(
+            a.code,
+            ErrorCode::ShardUnavailable | ErrorCode::ShuttingDown
+        ),
+        _ => false,
     }
 }

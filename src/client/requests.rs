@@ -80,3 +80,23 @@ pub fn list_topics(id: u64) -> OutFrame {
         body.as_union_value(),
     )
 }
+
+/// `InitProducer`: a new idempotent producer identity, or `previous` at its next epoch.
+pub fn init_producer(id: u64, previous: Option<(u64, u16)>) -> OutFrame {
+    let mut fbb = FlatBufferBuilder::with_capacity(64);
+    let (producer_id, producer_epoch) =
+        previous.map_or((-1, -1), |(p, e)| (p as i64, i32::from(e)));
+    let body = wire::InitProducerRequest::create(
+        &mut fbb,
+        &wire::InitProducerRequestArgs {
+            producer_id,
+            producer_epoch,
+        },
+    );
+    finish_request(
+        fbb,
+        id,
+        wire::RequestBody::InitProducerRequest,
+        body.as_union_value(),
+    )
+}

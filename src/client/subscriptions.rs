@@ -174,7 +174,8 @@ impl Client {
         config: &SubscriptionConfig,
     ) -> Result<SubscriptionConfig, ClientError> {
         let frame = self
-            .bootstrap()
+            .bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(512);
                 let sub = sub_wire::to_wire(&mut fbb, topic, name, config);
@@ -204,7 +205,8 @@ impl Client {
 
     /// Deletes a subscription and its state.
     pub async fn delete_subscription(&self, topic: &str, name: &str) -> Result<(), ClientError> {
-        self.bootstrap()
+        self.bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(128);
                 let topic = fbb.create_string(topic);
@@ -234,7 +236,8 @@ impl Client {
         with_stats: bool,
     ) -> Result<Vec<SubscriptionInfo>, ClientError> {
         let frame = self
-            .bootstrap()
+            .bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(128);
                 let topic = fbb.create_string(topic);
@@ -290,7 +293,8 @@ impl Client {
     ) -> Result<Vec<ReceivedEvent>, ClientError> {
         let wait_ms = u32::try_from(wait.as_millis()).unwrap_or(u32::MAX);
         let frame = self
-            .bootstrap()
+            .bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(128);
                 let topic = fbb.create_string(topic);
@@ -353,7 +357,7 @@ impl Client {
         for (partition, indexes) in by_partition {
             let conn = match partition {
                 Some(p) => self.connection_for(topic, p).await?,
-                None => Rc::clone(self.bootstrap()),
+                None => self.bootstrap_connection().await?,
             };
             match groups.iter_mut().find(|(c, _)| Rc::ptr_eq(c, &conn)) {
                 Some((_, list)) => list.extend(indexes),
@@ -431,7 +435,8 @@ impl Client {
         offsets: &[(u32, u64)],
     ) -> Result<Vec<(u32, Result<(), ApiError>)>, ClientError> {
         let frame = self
-            .bootstrap()
+            .bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(128 + 32 * offsets.len());
                 let list: Vec<_> = offsets
@@ -483,7 +488,8 @@ impl Client {
         partitions: &[u32],
     ) -> Result<Vec<(u32, Result<Option<u64>, ApiError>)>, ClientError> {
         let frame = self
-            .bootstrap()
+            .bootstrap_connection()
+            .await?
             .call(|id| {
                 let mut fbb = FlatBufferBuilder::with_capacity(128 + 4 * partitions.len());
                 let list = fbb.create_vector(partitions);

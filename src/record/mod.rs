@@ -2,9 +2,14 @@
 //! Owns encoding, decoding and validation; knows nothing of storage or the network.
 
 pub mod batch;
+pub mod compression;
 pub mod record;
 
-pub use batch::{Batch, BatchBuilder, BatchHeader, BatchIter, HEADER_LEN};
+pub use batch::{
+    Batch, BatchBuilder, BatchHeader, BatchIter, BatchLimits, BatchOptions, ProducerFields,
+    HEADER_PREFIX_LEN, V2_HEADER_LEN,
+};
+pub use compression::{Codec, Compressor, Decompressor};
 pub use record::{Record, RecordIter, RecordWriter};
 
 /// Why a batch or record was refused.
@@ -39,6 +44,24 @@ pub enum RecordError {
     },
     /// A record's fields overrun its declared length.
     BadRecord(&'static str),
+    /// Attribute bits this broker does not know (an unknown codec, or reserved bits set).
+    BadAttributes(u16),
+    /// A compressed records region does not decode.
+    Compression(&'static str),
+    /// The records region's declared size is over the limit.
+    DecompressedTooLarge {
+        /// Size the header declares.
+        declared: usize,
+        /// The limit (`--max-frame-bytes`).
+        max: usize,
+    },
+    /// The records region is not the size its header declares.
+    DecompressedSize {
+        /// Size the header declares.
+        declared: usize,
+        /// Size it came to.
+        actual: usize,
+    },
 }
 
 impl std::fmt::Display for RecordError {
@@ -60,6 +83,16 @@ impl std::fmt::Display for RecordError {
                 write!(f, "record offset delta {found}, expected {expected}")
             }
             Self::BadRecord(what) => write!(f, "malformed record: {what}"),
+            Self::BadAttributes(bits) => write!(f, "unknown batch attributes {bits:#06x}"),
+            Self::Compression(what) => write!(f, "compressed records: {what}"),
+            Self::DecompressedTooLarge { declared, max } => write!(
+                f,
+                "records declared as {declared} bytes decompressed, over the limit of {max}"
+            ),
+            Self::DecompressedSize { declared, actual } => write!(
+                f,
+                "records region is {actual} bytes, its header declares {declared}"
+            ),
         }
     }
 }

@@ -25,6 +25,9 @@ pub enum StorageError {
     },
     /// Stored data failed its checksum and is not served.
     Corrupt(String),
+    /// An idempotent producer's batch was refused (out of sequence, or fenced); nothing was
+    /// appended.
+    Sequence(crate::storage::producers::SequenceError),
 }
 
 impl StorageError {
@@ -83,6 +86,7 @@ impl std::fmt::Display for StorageError {
                 "offset {requested} is out of range: the log holds [{log_start_offset}, {high_watermark})"
             ),
             Self::Corrupt(what) => write!(f, "corrupt data: {what}"),
+            Self::Sequence(e) => e.fmt(f),
         }
     }
 }

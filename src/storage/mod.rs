@@ -12,6 +12,7 @@ pub mod partition_log;
 pub mod power_loss;
 pub mod prewrite;
 pub mod probes;
+pub mod producers;
 pub mod scan;
 pub mod segment;
 pub mod shard_sync;

@@ -33,6 +33,7 @@ use super::dma::{self, align_down, align_up, ChunkFiller, ALIGN};
 use super::fetched::{BatchBytes, FetchedData};
 use super::prewrite::{self, PrewriteConfig};
 use super::probes::{FailureProbes, ProbePoint};
+use super::producers::{self, ProducerTable, Sequenced, SequencedBatch};
 use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
 use super::segment::{self, sync_dir, Segment};
 use super::shard_sync::{ShardSync, WriteInFlight};
@@ -41,7 +42,7 @@ use super::spare::{self, Spare};
 use super::sync_health::SyncHealth;
 use super::{Durability, StorageError};
 use crate::metrics::StorageMetrics;
-use crate::record::batch::{self, BatchHeader, HEADER_LEN};
+use crate::record::batch::{self, BatchHeader, HEADER_PREFIX_LEN};
 
 /// A zero-fill in flight (see `storage::prewrite`).
 struct Prewriting {
@@ -92,6 +93,10 @@ pub struct LogConfig {
     pub sync_health: Rc<SyncHealth>,
     /// The shard's storage metrics.
     pub metrics: Rc<StorageMetrics>,
+    /// Idempotent producers remembered per partition at most (least recently seen go).
+    pub max_producers: usize,
+    /// An idempotent producer idle this long is forgotten.
+    pub producer_expiry_ms: u64,
 }
 
 impl Default for LogConfig {
@@ -113,6 +118,8 @@ impl Default for LogConfig {
             probes: Rc::new(FailureProbes::default()),
             sync_health: Rc::new(SyncHealth::default()),
             metrics: Rc::new(StorageMetrics::default()),
+            max_producers: 10_000,
+            producer_expiry_ms: 24 * 3600 * 1000,
         }
     }
 }
@@ -128,7 +135,7 @@ enum SyncedBy {
 /// A batch stamped with its offsets, as it will be stored. The body is the producer's bytes
 /// after the header, still inside the received frame: no copy until the flush.
 struct StoredBatch {
-    header: [u8; HEADER_LEN],
+    header: [u8; HEADER_PREFIX_LEN],
     body: Bytes,
     base_offset: u64,
     last_offset: u64,
@@ -136,7 +143,7 @@ struct StoredBatch {
 
 impl StoredBatch {
     fn len(&self) -> usize {
-        HEADER_LEN + self.body.len()
+        HEADER_PREFIX_LEN + self.body.len()
     }
     fn retention_timestamp_ms(&self) -> i64 {
         BatchHeader::parse(&self.header).map_or(i64::MIN, |h| h.retention_timestamp_ms())
@@ -267,6 +274,8 @@ struct LogState {
     bytes_in: u64,
     messages_out: u64,
     bytes_out: u64,
+    /// Idempotent producers' last batches, to recognise resends.
+    producers: ProducerTable,
 }
 
 impl LogState {
@@ -390,13 +399,76 @@ impl PartitionLog {
                 bytes_in: 0,
                 messages_out: 0,
                 bytes_out: 0,
+                producers: ProducerTable::new(0, 0),
             }),
             checkpoint_lock: Semaphore::new(1),
             shard_sync,
         });
+        log.rebuild_producers().await;
         let open_logs = &log.config.metrics.open_logs;
         open_logs.set(open_logs.get() + 1);
         Ok(log)
+    }
+
+    /// Loads the idempotent producers' snapshot and reads the batches after it back from
+    /// the log (from the active segment's start when there is no usable snapshot), so that
+    /// resends from before a restart are still recognised.
+    async fn rebuild_producers(self: &Rc<Self>) {
+        let (max, expiry) = (self.config.max_producers, self.config.producer_expiry_ms);
+        let (log_start, active_base, hw) = {
+            let st = self.state.borrow();
+            let active = st.segments.back().map_or(0, |s| s.base_offset);
+            (st.log_start(), active, st.high_watermark)
+        };
+        let snapshot = std::fs::read(producers::snapshot_path(&self.dir))
+            .ok()
+            .and_then(|bytes| ProducerTable::from_snapshot(&bytes, max, expiry))
+            .filter(|(_, covered)| *covered <= hw);
+        let (mut table, mut offset) =
+            snapshot.unwrap_or_else(|| (ProducerTable::new(max, expiry), active_base));
+        offset = offset.max(log_start);
+        let mut read = 0usize;
+        while offset < hw {
+            let fetched = match self.fetch(offset, 8 << 20, Duration::ZERO).await {
+                Ok(fetched) if !fetched.batches.is_empty() => fetched,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: idempotent producers not read back past offset {offset}: {e}",
+                        self.dir.display()
+                    );
+                    break;
+                }
+            };
+            let bytes = fetched.batches.contiguous();
+            read += bytes.len();
+            let mut at = 0usize;
+            while let Ok(header) = BatchHeader::parse(&bytes[at.min(bytes.len())..]) {
+                let len = header.batch_len() as usize;
+                if len < HEADER_PREFIX_LEN {
+                    break;
+                }
+                if let Some(fields) = header.producer().filter(|_| header.last_offset() >= offset)
+                {
+                    let count = header.record_count();
+                    let (base, last) = (header.base_offset(), header.last_offset());
+                    table.record(fields, count, base, last, header.append_time_ms());
+                }
+                offset = offset.max(header.last_offset() + 1);
+                at += len;
+            }
+        }
+        let mut st = self.state.borrow_mut();
+        // The read back is not traffic.
+        (st.messages_out, st.bytes_out) = (0, 0);
+        if read > 0 || !table.is_empty() {
+            tracing::debug!(
+                "{}: {} idempotent producer(s), {read} bytes of log read back",
+                self.dir.display(),
+                table.len()
+            );
+        }
+        st.producers = table;
     }
 
     /// The directory holding this log.
@@ -439,6 +511,13 @@ impl PartitionLog {
         append_time_ms: i64,
     ) -> Result<AppendTicket, StorageError> {
         let incoming: usize = batches.iter().map(Bytes::len).sum();
+        // An idempotent producer's batch comes alone (the broker checks): it may be a resend.
+        let producer = match batches {
+            [only] => BatchHeader::parse(only)
+                .ok()
+                .and_then(|h| Some((h.producer()?, h.record_count()))),
+            _ => None,
+        };
         // Appenders already waiting go first (see `SpaceQueue`): appends keep arrival order.
         let mut woken = false;
         loop {
@@ -473,18 +552,32 @@ impl PartitionLog {
             }
         }
         let mut st = self.state.borrow_mut();
+        if let Some((fields, count)) = producer {
+            let checked = st.producers.check(fields, count, append_time_ms);
+            let resent = match checked {
+                Ok(Sequenced::New) => None,
+                Ok(Sequenced::Duplicate(original)) => Some(Ok(original)),
+                Err(e) => Some(Err(StorageError::Sequence(e))),
+            };
+            if let Some(outcome) = resent {
+                if woken {
+                    st.space_waiters.wake_next();
+                }
+                return outcome.map(|original| self.ticket_for_resend(&mut st, original));
+            }
+        }
         let base_offset = st.next_offset;
         for bytes in batches {
             let Ok(header) = BatchHeader::parse(bytes) else {
                 continue; // validated by the caller; cannot happen
             };
             let count = u64::from(header.record_count());
-            let mut stamped = [0u8; HEADER_LEN];
-            stamped.copy_from_slice(&bytes[..HEADER_LEN]);
+            let mut stamped = [0u8; HEADER_PREFIX_LEN];
+            stamped.copy_from_slice(&bytes[..HEADER_PREFIX_LEN]);
             batch::stamp(&mut stamped, st.next_offset, append_time_ms);
             let stored = StoredBatch {
                 header: stamped,
-                body: bytes.slice(HEADER_LEN..),
+                body: bytes.slice(HEADER_PREFIX_LEN..),
                 base_offset: st.next_offset,
                 last_offset: st.next_offset + count - 1,
             };
@@ -497,6 +590,10 @@ impl PartitionLog {
         }
         let last_offset = st.next_offset.saturating_sub(1);
         debug_assert!(last_offset >= base_offset, "append of an empty batch list");
+        if let Some((fields, count)) = producer {
+            st.producers
+                .record(fields, count, base_offset, last_offset, append_time_ms);
+        }
         let durable = if self.config.durability == Durability::None {
             None
         } else {
@@ -517,6 +614,29 @@ impl PartitionLog {
             last_offset,
             durable,
         })
+    }
+
+    /// The answer to a resent batch: the original's offsets, once they are durable (at once
+    /// if they are already).
+    fn ticket_for_resend(&self, st: &mut LogState, original: SequencedBatch) -> AppendTicket {
+        let durable = if self.config.durability == Durability::None
+            || original.last_offset < st.high_watermark
+        {
+            None
+        } else {
+            let (tx, rx) = oneshot::channel();
+            // Waiters are released in offset order: the resend's goes where its offset is.
+            let at = st
+                .ack_waiters
+                .partition_point(|(last, _)| *last <= original.last_offset);
+            st.ack_waiters.insert(at, (original.last_offset, tx));
+            Some(rx)
+        };
+        AppendTicket {
+            base_offset: original.base_offset,
+            last_offset: original.last_offset,
+            durable,
+        }
     }
 
     /// Flushes pending batches until none are left: the group commit.
@@ -1012,7 +1132,32 @@ impl PartitionLog {
             };
             st.checkpointed
         };
-        save_checkpoint(&self.dir, checkpoint).await
+        save_checkpoint(&self.dir, checkpoint).await?;
+        self.save_producers(checkpoint.next_offset).await;
+        Ok(())
+    }
+
+    /// Saves the idempotent producers' snapshot (covering offsets below `next_offset`) if
+    /// the table changed. A failed save is logged: the next open reads more of the log.
+    async fn save_producers(&self, next_offset: u64) {
+        let snapshot = {
+            let mut st = self.state.borrow_mut();
+            st.producers.expire(crate::broker::shard::now_ms());
+            if !st.producers.is_dirty() {
+                return;
+            }
+            st.producers.snapshot(next_offset)
+        };
+        let path = producers::snapshot_path(&self.dir);
+        let saved = glommio::executor()
+            .spawn_blocking(move || super::atomic_file::replace(&path, &snapshot))
+            .await;
+        if let Err(e) = saved {
+            tracing::warn!(
+                "saving the producers' snapshot of {} failed: {e}",
+                self.dir.display()
+            );
+        }
     }
 
     /// The file of the segment starting at `base`, durable with its directory: the spare
@@ -1073,7 +1218,7 @@ impl PartitionLog {
         }
         debug_assert_eq!(pos, new_end, "flush must end where its bytes end");
         // The stamped headers of the whole flush in one allocation, shared by the cache.
-        let mut headers = bytes::BytesMut::with_capacity(batches.len() * HEADER_LEN);
+        let mut headers = bytes::BytesMut::with_capacity(batches.len() * HEADER_PREFIX_LEN);
         for b in &batches {
             headers.extend_from_slice(&b.header);
         }
@@ -1088,7 +1233,7 @@ impl PartitionLog {
             st.bytes_in += b.len() as u64;
             st.cache_bytes += b.len();
             st.cache.push_back(CachedBatch {
-                header: headers.split_to(HEADER_LEN),
+                header: headers.split_to(HEADER_PREFIX_LEN),
                 body: b.body,
                 base_offset: b.base_offset,
                 last_offset: b.last_offset,
@@ -1432,12 +1577,12 @@ impl PartitionLog {
             let mut at = 0usize;
             let mut first: Option<usize> = None;
             let mut need_more = None;
-            while at + HEADER_LEN <= window.len() {
+            while at + HEADER_PREFIX_LEN <= window.len() {
                 let abs = pos + at as u64;
                 let header = BatchHeader::parse(&window[at..])
                     .map_err(|e| StorageError::Corrupt(e.to_string()))?;
                 let blen = header.batch_len() as usize;
-                if blen < HEADER_LEN || abs + blen as u64 > end {
+                if blen < HEADER_PREFIX_LEN || abs + blen as u64 > end {
                     if first.is_some() {
                         break; // serve what came before it, as for a CRC failure below
                     }
@@ -1730,7 +1875,7 @@ fn count_records(batches: &[u8]) -> u64 {
     let mut at = 0usize;
     while let Ok(header) = BatchHeader::parse(&batches[at.min(batches.len())..]) {
         let len = header.batch_len() as usize;
-        if len < HEADER_LEN {
+        if len < HEADER_PREFIX_LEN {
             break;
         }
         records += u64::from(header.record_count());
@@ -1889,13 +2034,13 @@ async fn index_entry_checks_out(
     let Some(&(offset, pos)) = seg.index.iter().rev().find(|&&(_, p)| p < limit) else {
         return Ok(true);
     };
-    let head = dma::read_range(&seg.file, pos, HEADER_LEN, config.max_io_bytes).await?;
+    let head = dma::read_range(&seg.file, pos, HEADER_PREFIX_LEN, config.max_io_bytes).await?;
     let Ok(header) = BatchHeader::parse(&head) else {
         return Ok(false);
     };
     let len = header.batch_len() as usize;
     if header.base_offset() != offset
-        || len < HEADER_LEN
+        || len < HEADER_PREFIX_LEN
         || pos + len as u64 > seg.extent.allocated()
     {
         return Ok(false);

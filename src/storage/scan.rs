@@ -14,7 +14,7 @@ use super::dma;
 use super::partition_log::LogConfig;
 use super::segment::Segment;
 use super::{Durability, StorageError};
-use crate::record::batch::{self, BatchHeader, HEADER_LEN};
+use crate::record::batch::{self, BatchHeader, HEADER_PREFIX_LEN};
 
 /// Offsets whose stored bytes failed their checksum.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,9 +52,10 @@ pub struct DurablePoint {
 fn plausible(header: &BatchHeader<'_>, pos: u64, limit: u64) -> bool {
     let len = u64::from(header.batch_len());
     let count = header.record_count();
-    len >= HEADER_LEN as u64
+    header
+        .header_len()
+        .is_some_and(|header_len| len >= header_len as u64)
         && pos + len <= limit
-        && header.magic() == batch::MAGIC
         && count > 0
         && header.last_offset_delta() == count - 1
 }
@@ -85,7 +86,7 @@ pub async fn scan_segment(
         loop {
             let abs = pos + at as u64;
             let rest = &window[at..];
-            if rest.len() < HEADER_LEN {
+            if rest.len() < HEADER_PREFIX_LEN {
                 if !at_file_end {
                     break;
                 }
@@ -98,8 +99,8 @@ pub async fn scan_segment(
                     ));
                 }
             }
-            let header_bytes = &rest[..rest.len().min(HEADER_LEN)];
-            let zeros = header_bytes.len() == HEADER_LEN && header_bytes.iter().all(|&b| b == 0);
+            let header_bytes = &rest[..rest.len().min(HEADER_PREFIX_LEN)];
+            let zeros = header_bytes.len() == HEADER_PREFIX_LEN && header_bytes.iter().all(|&b| b == 0);
             if zeros && abs >= durable_end {
                 return Ok(ScanEnd::Clean);
             }
@@ -266,10 +267,10 @@ async fn valid_batch_at(
     limit: u64,
     config: &LogConfig,
 ) -> Result<bool, StorageError> {
-    if pos + HEADER_LEN as u64 > limit {
+    if pos + HEADER_PREFIX_LEN as u64 > limit {
         return Ok(false);
     }
-    let head = dma::read_range(&seg.file, pos, HEADER_LEN, config.max_io_bytes).await?;
+    let head = dma::read_range(&seg.file, pos, HEADER_PREFIX_LEN, config.max_io_bytes).await?;
     let Ok(h) = BatchHeader::parse(&head) else {
         return Ok(false);
     };
@@ -290,15 +291,15 @@ async fn resync(
     config: &LogConfig,
 ) -> Result<Option<(u64, u64)>, StorageError> {
     let mut pos = from;
-    while pos + HEADER_LEN as u64 <= limit {
+    while pos + HEADER_PREFIX_LEN as u64 <= limit {
         let len = (config.max_io_bytes as u64).min(limit - pos) as usize;
         let window = dma::read_range(&seg.file, pos, len, config.max_io_bytes).await?;
-        if window.len() < HEADER_LEN {
+        if window.len() < HEADER_PREFIX_LEN {
             break;
         }
-        for at in 0..=window.len() - HEADER_LEN {
+        for at in 0..=window.len() - HEADER_PREFIX_LEN {
             // Cheap filter first: the magic field, then the header's own sanity.
-            if window[at + 28] != 1 || window[at + 29] != 0 {
+            if batch::header_len(u16::from_le_bytes([window[at + 28], window[at + 29]])).is_none() {
                 continue;
             }
             let Ok(h) = BatchHeader::parse(&window[at..]) else {
@@ -322,7 +323,7 @@ async fn resync(
                 return Ok(Some((abs, h.base_offset())));
             }
         }
-        pos += (window.len() - HEADER_LEN + 1) as u64;
+        pos += (window.len() - HEADER_PREFIX_LEN + 1) as u64;
     }
     Ok(None)
 }

@@ -19,6 +19,7 @@ use futures::channel::oneshot;
 
 use super::state::{Lease, LockError, Offer, Op, SubState};
 use super::{DeadLetter, LockToken, Nonces, SubscriptionConfig};
+use crate::record::compression::with_shard_decompressor;
 use crate::record::{Batch, BatchHeader};
 use crate::storage::{
     disk_trace, Durability, PartitionLog, SnapshotSource, StateLog, StorageError, SyncHealth,
@@ -143,12 +144,21 @@ fn for_each_record(
         let base = BatchHeader::parse(batch.as_bytes())
             .map_err(|e| StorageError::Corrupt(e.to_string()))?
             .base_offset();
-        let mut records = batch.records();
-        while let Some(item) = records.next_with_bytes() {
-            let (bytes, record) = item.map_err(|e| StorageError::Corrupt(e.to_string()))?;
-            if !f(base + u64::from(record.offset_delta), bytes, &record) {
-                return Ok(());
+        // A compressed batch is decompressed into the shard's one reused buffer.
+        let done = with_shard_decompressor(|d| -> Result<bool, StorageError> {
+            let mut records = batch
+                .records(d)
+                .map_err(|e| StorageError::Corrupt(e.to_string()))?;
+            while let Some(item) = records.next_with_bytes() {
+                let (bytes, record) = item.map_err(|e| StorageError::Corrupt(e.to_string()))?;
+                if !f(base + u64::from(record.offset_delta), bytes, &record) {
+                    return Ok(true);
+                }
             }
+            Ok(false)
+        })?;
+        if done {
+            return Ok(());
         }
     }
     Ok(())

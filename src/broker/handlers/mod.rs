@@ -2,6 +2,7 @@
 //! the shard and building its reply. This file only verifies the frame and dispatches.
 
 mod fetch;
+mod init_producer;
 mod metadata;
 mod offsets;
 mod produce;
@@ -99,6 +100,10 @@ pub async fn dispatch(shard: &Shard, frame: Bytes) -> OutFrame {
             None => Err(missing_body()),
         },
         RequestBody::StatsRequest => Ok(stats::handle(shard, id).await),
+        RequestBody::InitProducerRequest => match request.body_as_init_producer_request() {
+            Some(r) => init_producer::handle(shard, id, r).await,
+            None => Err(missing_body()),
+        },
         other => Err(unsupported(other)),
     };
     let elapsed = started.elapsed().as_secs_f64();

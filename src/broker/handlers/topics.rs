@@ -3,7 +3,10 @@
 use flatbuffers::FlatBufferBuilder;
 
 use crate::broker::mesh::TopicChange;
-use crate::broker::metadata::{optional, to_wire, validate_topic_name, TopicConfig};
+use crate::broker::metadata::{
+    compression_from_wire, compression_to_wire, optional, to_wire, validate_topic_name,
+    TopicConfig,
+};
 use crate::broker::shard::Shard;
 use crate::protocol::frame::OutFrame;
 use crate::protocol::message::{finish_response, ApiError};
@@ -24,6 +27,8 @@ pub(super) async fn create(
             format!("partitions must be 1..={max}, got {partitions}"),
         ));
     }
+    let compression = compression_from_wire(req.compression())
+        .map_err(|e| ApiError::new(wire::ErrorCode::InvalidArgument, e))?;
     shard
         .change_topic(TopicChange::Created {
             name: name.to_string(),
@@ -31,6 +36,7 @@ pub(super) async fn create(
                 partitions,
                 retention_ms: optional(req.retention_ms()),
                 retention_bytes: optional(req.retention_bytes()),
+                compression,
             },
         })
         .await?;
@@ -90,6 +96,7 @@ pub(super) fn list(shard: &Shard, id: u64) -> OutFrame {
                     partitions: config.partitions,
                     retention_ms: to_wire(config.retention_ms),
                     retention_bytes: to_wire(config.retention_bytes),
+                    compression: compression_to_wire(config.compression),
                 },
             )
         })

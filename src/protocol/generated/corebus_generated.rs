@@ -13,10 +13,10 @@ pub mod wire {
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_ERROR_CODE: u16 = 18;
+pub const ENUM_MAX_ERROR_CODE: u16 = 20;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 19] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 21] = [
   ErrorCode::None,
   ErrorCode::Internal,
   ErrorCode::InvalidRequest,
@@ -36,6 +36,8 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 19] = [
   ErrorCode::UnknownSubscription,
   ErrorCode::SubscriptionAlreadyExists,
   ErrorCode::LockLost,
+  ErrorCode::OutOfOrderSequence,
+  ErrorCode::ProducerFenced,
 ];
 
 /// Typed error codes. `None` means success.
@@ -82,9 +84,15 @@ impl ErrorCode {
   /// The lock token names no event locked now: its lock expired, it was settled already, or
   /// it was never issued.
   pub const LockLost: Self = Self(18);
+  /// An idempotent producer's batch does not follow the last one the partition has from it
+  /// (a gap, or older than the batches it remembers). Nothing was appended.
+  pub const OutOfOrderSequence: Self = Self(19);
+  /// The batch carries an older epoch than the partition has seen for its producer id: a
+  /// newer instance of the producer took over. Nothing was appended.
+  pub const ProducerFenced: Self = Self(20);
 
   pub const ENUM_MIN: u16 = 0;
-  pub const ENUM_MAX: u16 = 18;
+  pub const ENUM_MAX: u16 = 20;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::None,
     Self::Internal,
@@ -105,6 +113,8 @@ impl ErrorCode {
     Self::UnknownSubscription,
     Self::SubscriptionAlreadyExists,
     Self::LockLost,
+    Self::OutOfOrderSequence,
+    Self::ProducerFenced,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -128,6 +138,8 @@ impl ErrorCode {
       Self::UnknownSubscription => Some("UnknownSubscription"),
       Self::SubscriptionAlreadyExists => Some("SubscriptionAlreadyExists"),
       Self::LockLost => Some("LockLost"),
+      Self::OutOfOrderSequence => Some("OutOfOrderSequence"),
+      Self::ProducerFenced => Some("ProducerFenced"),
       _ => None,
     }
   }
@@ -182,6 +194,103 @@ impl<'a> ::flatbuffers::Verifiable for ErrorCode {
 }
 
 impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_TOPIC_COMPRESSION: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_TOPIC_COMPRESSION: u8 = 3;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_TOPIC_COMPRESSION: [TopicCompression; 4] = [
+  TopicCompression::Producer,
+  TopicCompression::None,
+  TopicCompression::Lz4,
+  TopicCompression::Zstd,
+];
+
+/// How a topic stores what producers send (as Kafka's `compression.type`).
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct TopicCompression(pub u8);
+#[allow(non_upper_case_globals)]
+impl TopicCompression {
+  /// Keep each batch as the producer compressed it.
+  pub const Producer: Self = Self(0);
+  /// Store uncompressed.
+  pub const None: Self = Self(1);
+  /// Recompress to LZ4.
+  pub const Lz4: Self = Self(2);
+  /// Recompress to zstd.
+  pub const Zstd: Self = Self(3);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 3;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Producer,
+    Self::None,
+    Self::Lz4,
+    Self::Zstd,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Producer => Some("Producer"),
+      Self::None => Some("None"),
+      Self::Lz4 => Some("Lz4"),
+      Self::Zstd => Some("Zstd"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for TopicCompression {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for TopicCompression {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for TopicCompression {
+    type Output = TopicCompression;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for TopicCompression {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for TopicCompression {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for TopicCompression {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_START_POSITION: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
@@ -369,10 +478,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for SettleAction {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_REQUEST_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_REQUEST_BODY: u8 = 14;
+pub const ENUM_MAX_REQUEST_BODY: u8 = 15;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 15] = [
+pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 16] = [
   RequestBody::NONE,
   RequestBody::CreateTopicRequest,
   RequestBody::DeleteTopicRequest,
@@ -388,6 +497,7 @@ pub const ENUM_VALUES_REQUEST_BODY: [RequestBody; 15] = [
   RequestBody::CommitOffsetsRequest,
   RequestBody::FetchOffsetsRequest,
   RequestBody::StatsRequest,
+  RequestBody::InitProducerRequest,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -410,9 +520,10 @@ impl RequestBody {
   pub const CommitOffsetsRequest: Self = Self(12);
   pub const FetchOffsetsRequest: Self = Self(13);
   pub const StatsRequest: Self = Self(14);
+  pub const InitProducerRequest: Self = Self(15);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 14;
+  pub const ENUM_MAX: u8 = 15;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::CreateTopicRequest,
@@ -429,6 +540,7 @@ impl RequestBody {
     Self::CommitOffsetsRequest,
     Self::FetchOffsetsRequest,
     Self::StatsRequest,
+    Self::InitProducerRequest,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -448,6 +560,7 @@ impl RequestBody {
       Self::CommitOffsetsRequest => Some("CommitOffsetsRequest"),
       Self::FetchOffsetsRequest => Some("FetchOffsetsRequest"),
       Self::StatsRequest => Some("StatsRequest"),
+      Self::InitProducerRequest => Some("InitProducerRequest"),
       _ => None,
     }
   }
@@ -507,10 +620,10 @@ pub struct RequestBodyUnionTableOffset {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_RESPONSE_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_RESPONSE_BODY: u8 = 14;
+pub const ENUM_MAX_RESPONSE_BODY: u8 = 15;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 15] = [
+pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 16] = [
   ResponseBody::NONE,
   ResponseBody::CreateTopicResponse,
   ResponseBody::DeleteTopicResponse,
@@ -526,6 +639,7 @@ pub const ENUM_VALUES_RESPONSE_BODY: [ResponseBody; 15] = [
   ResponseBody::CommitOffsetsResponse,
   ResponseBody::FetchOffsetsResponse,
   ResponseBody::StatsResponse,
+  ResponseBody::InitProducerResponse,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -548,9 +662,10 @@ impl ResponseBody {
   pub const CommitOffsetsResponse: Self = Self(12);
   pub const FetchOffsetsResponse: Self = Self(13);
   pub const StatsResponse: Self = Self(14);
+  pub const InitProducerResponse: Self = Self(15);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 14;
+  pub const ENUM_MAX: u8 = 15;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::CreateTopicResponse,
@@ -567,6 +682,7 @@ impl ResponseBody {
     Self::CommitOffsetsResponse,
     Self::FetchOffsetsResponse,
     Self::StatsResponse,
+    Self::InitProducerResponse,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -586,6 +702,7 @@ impl ResponseBody {
       Self::CommitOffsetsResponse => Some("CommitOffsetsResponse"),
       Self::FetchOffsetsResponse => Some("FetchOffsetsResponse"),
       Self::StatsResponse => Some("StatsResponse"),
+      Self::InitProducerResponse => Some("InitProducerResponse"),
       _ => None,
     }
   }
@@ -776,6 +893,7 @@ impl<'a> CreateTopicRequest<'a> {
   pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_RETENTION_MS: ::flatbuffers::VOffsetT = 8;
   pub const VT_RETENTION_BYTES: ::flatbuffers::VOffsetT = 10;
+  pub const VT_COMPRESSION: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -791,6 +909,7 @@ impl<'a> CreateTopicRequest<'a> {
     builder.add_retention_ms(args.retention_ms);
     builder.add_partitions(args.partitions);
     if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_compression(args.compression);
     builder.finish()
   }
 
@@ -825,6 +944,14 @@ impl<'a> CreateTopicRequest<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(CreateTopicRequest::VT_RETENTION_BYTES, Some(-1)).unwrap()}
   }
+  /// How the topic stores batches: as the producer sent them, or recompressed.
+  #[inline]
+  pub fn compression(&self) -> TopicCompression {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<TopicCompression>(CreateTopicRequest::VT_COMPRESSION, Some(TopicCompression::Producer)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
@@ -837,6 +964,7 @@ impl ::flatbuffers::Verifiable for CreateTopicRequest<'_> {
      .visit_field::<u32>("partitions", Self::VT_PARTITIONS, false)?
      .visit_field::<i64>("retention_ms", Self::VT_RETENTION_MS, false)?
      .visit_field::<i64>("retention_bytes", Self::VT_RETENTION_BYTES, false)?
+     .visit_field::<TopicCompression>("compression", Self::VT_COMPRESSION, false)?
      .finish();
     Ok(())
   }
@@ -846,6 +974,7 @@ pub struct CreateTopicRequestArgs<'a> {
     pub partitions: u32,
     pub retention_ms: i64,
     pub retention_bytes: i64,
+    pub compression: TopicCompression,
 }
 impl<'a> Default for CreateTopicRequestArgs<'a> {
   #[inline]
@@ -855,6 +984,7 @@ impl<'a> Default for CreateTopicRequestArgs<'a> {
       partitions: 0,
       retention_ms: -1,
       retention_bytes: -1,
+      compression: TopicCompression::Producer,
     }
   }
 }
@@ -881,6 +1011,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateTopicRequestBuilder<'a,
     self.fbb_.push_slot::<i64>(CreateTopicRequest::VT_RETENTION_BYTES, retention_bytes, -1);
   }
   #[inline]
+  pub fn add_compression(&mut self, compression: TopicCompression) {
+    self.fbb_.push_slot::<TopicCompression>(CreateTopicRequest::VT_COMPRESSION, compression, TopicCompression::Producer);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateTopicRequestBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     CreateTopicRequestBuilder {
@@ -903,6 +1037,7 @@ impl ::core::fmt::Debug for CreateTopicRequest<'_> {
       ds.field("partitions", &self.partitions());
       ds.field("retention_ms", &self.retention_ms());
       ds.field("retention_bytes", &self.retention_bytes());
+      ds.field("compression", &self.compression());
       ds.finish()
   }
 }
@@ -1310,6 +1445,7 @@ impl<'a> TopicInfo<'a> {
   pub const VT_PARTITIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_RETENTION_MS: ::flatbuffers::VOffsetT = 8;
   pub const VT_RETENTION_BYTES: ::flatbuffers::VOffsetT = 10;
+  pub const VT_COMPRESSION: ::flatbuffers::VOffsetT = 12;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1325,6 +1461,7 @@ impl<'a> TopicInfo<'a> {
     builder.add_retention_ms(args.retention_ms);
     builder.add_partitions(args.partitions);
     if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_compression(args.compression);
     builder.finish()
   }
 
@@ -1358,6 +1495,13 @@ impl<'a> TopicInfo<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<i64>(TopicInfo::VT_RETENTION_BYTES, Some(-1)).unwrap()}
   }
+  #[inline]
+  pub fn compression(&self) -> TopicCompression {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<TopicCompression>(TopicInfo::VT_COMPRESSION, Some(TopicCompression::Producer)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for TopicInfo<'_> {
@@ -1370,6 +1514,7 @@ impl ::flatbuffers::Verifiable for TopicInfo<'_> {
      .visit_field::<u32>("partitions", Self::VT_PARTITIONS, false)?
      .visit_field::<i64>("retention_ms", Self::VT_RETENTION_MS, false)?
      .visit_field::<i64>("retention_bytes", Self::VT_RETENTION_BYTES, false)?
+     .visit_field::<TopicCompression>("compression", Self::VT_COMPRESSION, false)?
      .finish();
     Ok(())
   }
@@ -1379,6 +1524,7 @@ pub struct TopicInfoArgs<'a> {
     pub partitions: u32,
     pub retention_ms: i64,
     pub retention_bytes: i64,
+    pub compression: TopicCompression,
 }
 impl<'a> Default for TopicInfoArgs<'a> {
   #[inline]
@@ -1388,6 +1534,7 @@ impl<'a> Default for TopicInfoArgs<'a> {
       partitions: 0,
       retention_ms: -1,
       retention_bytes: -1,
+      compression: TopicCompression::Producer,
     }
   }
 }
@@ -1414,6 +1561,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TopicInfoBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<i64>(TopicInfo::VT_RETENTION_BYTES, retention_bytes, -1);
   }
   #[inline]
+  pub fn add_compression(&mut self, compression: TopicCompression) {
+    self.fbb_.push_slot::<TopicCompression>(TopicInfo::VT_COMPRESSION, compression, TopicCompression::Producer);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TopicInfoBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     TopicInfoBuilder {
@@ -1435,6 +1586,7 @@ impl ::core::fmt::Debug for TopicInfo<'_> {
       ds.field("partitions", &self.partitions());
       ds.field("retention_ms", &self.retention_ms());
       ds.field("retention_bytes", &self.retention_bytes());
+      ds.field("compression", &self.compression());
       ds.finish()
   }
 }
@@ -2610,6 +2762,236 @@ impl ::core::fmt::Debug for ProduceResponse<'_> {
     let mut ds = f.debug_struct("ProduceResponse");
       ds.field("topic", &self.topic());
       ds.field("partitions", &self.partitions());
+      ds.finish()
+  }
+}
+pub enum InitProducerRequestOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Asks for an idempotent producer identity. With `producer_id` -1 the broker hands out a
+/// new id at epoch 0. With an id it handed out before and that id's current epoch, it
+/// returns the same id at the next epoch: batches of the older epoch are then refused with
+/// `ProducerFenced`.
+pub struct InitProducerRequest<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for InitProducerRequest<'a> {
+  type Inner = InitProducerRequest<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> InitProducerRequest<'a> {
+  pub const VT_PRODUCER_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PRODUCER_EPOCH: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    InitProducerRequest { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args InitProducerRequestArgs
+  ) -> ::flatbuffers::WIPOffset<InitProducerRequest<'bldr>> {
+    let mut builder = InitProducerRequestBuilder::new(_fbb);
+    builder.add_producer_id(args.producer_id);
+    builder.add_producer_epoch(args.producer_epoch);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn producer_id(&self) -> i64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i64>(InitProducerRequest::VT_PRODUCER_ID, Some(-1)).unwrap()}
+  }
+  #[inline]
+  pub fn producer_epoch(&self) -> i32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<i32>(InitProducerRequest::VT_PRODUCER_EPOCH, Some(-1)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for InitProducerRequest<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<i64>("producer_id", Self::VT_PRODUCER_ID, false)?
+     .visit_field::<i32>("producer_epoch", Self::VT_PRODUCER_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct InitProducerRequestArgs {
+    pub producer_id: i64,
+    pub producer_epoch: i32,
+}
+impl<'a> Default for InitProducerRequestArgs {
+  #[inline]
+  fn default() -> Self {
+    InitProducerRequestArgs {
+      producer_id: -1,
+      producer_epoch: -1,
+    }
+  }
+}
+
+pub struct InitProducerRequestBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> InitProducerRequestBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_producer_id(&mut self, producer_id: i64) {
+    self.fbb_.push_slot::<i64>(InitProducerRequest::VT_PRODUCER_ID, producer_id, -1);
+  }
+  #[inline]
+  pub fn add_producer_epoch(&mut self, producer_epoch: i32) {
+    self.fbb_.push_slot::<i32>(InitProducerRequest::VT_PRODUCER_EPOCH, producer_epoch, -1);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> InitProducerRequestBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    InitProducerRequestBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<InitProducerRequest<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for InitProducerRequest<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("InitProducerRequest");
+      ds.field("producer_id", &self.producer_id());
+      ds.field("producer_epoch", &self.producer_epoch());
+      ds.finish()
+  }
+}
+pub enum InitProducerResponseOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct InitProducerResponse<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for InitProducerResponse<'a> {
+  type Inner = InitProducerResponse<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> InitProducerResponse<'a> {
+  pub const VT_PRODUCER_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_PRODUCER_EPOCH: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    InitProducerResponse { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args InitProducerResponseArgs
+  ) -> ::flatbuffers::WIPOffset<InitProducerResponse<'bldr>> {
+    let mut builder = InitProducerResponseBuilder::new(_fbb);
+    builder.add_producer_id(args.producer_id);
+    builder.add_producer_epoch(args.producer_epoch);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn producer_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(InitProducerResponse::VT_PRODUCER_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn producer_epoch(&self) -> u16 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u16>(InitProducerResponse::VT_PRODUCER_EPOCH, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for InitProducerResponse<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("producer_id", Self::VT_PRODUCER_ID, false)?
+     .visit_field::<u16>("producer_epoch", Self::VT_PRODUCER_EPOCH, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct InitProducerResponseArgs {
+    pub producer_id: u64,
+    pub producer_epoch: u16,
+}
+impl<'a> Default for InitProducerResponseArgs {
+  #[inline]
+  fn default() -> Self {
+    InitProducerResponseArgs {
+      producer_id: 0,
+      producer_epoch: 0,
+    }
+  }
+}
+
+pub struct InitProducerResponseBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> InitProducerResponseBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_producer_id(&mut self, producer_id: u64) {
+    self.fbb_.push_slot::<u64>(InitProducerResponse::VT_PRODUCER_ID, producer_id, 0);
+  }
+  #[inline]
+  pub fn add_producer_epoch(&mut self, producer_epoch: u16) {
+    self.fbb_.push_slot::<u16>(InitProducerResponse::VT_PRODUCER_EPOCH, producer_epoch, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> InitProducerResponseBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    InitProducerResponseBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<InitProducerResponse<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for InitProducerResponse<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("InitProducerResponse");
+      ds.field("producer_id", &self.producer_id());
+      ds.field("producer_epoch", &self.producer_epoch());
       ds.finish()
   }
 }
@@ -6608,6 +6990,21 @@ impl<'a> Request<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_init_producer_request(&self) -> Option<InitProducerRequest<'a>> {
+    if self.body_type() == RequestBody::InitProducerRequest {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { InitProducerRequest::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Request<'_> {
@@ -6633,6 +7030,7 @@ impl ::flatbuffers::Verifiable for Request<'_> {
           RequestBody::CommitOffsetsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CommitOffsetsRequest>>("RequestBody::CommitOffsetsRequest", pos),
           RequestBody::FetchOffsetsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchOffsetsRequest>>("RequestBody::FetchOffsetsRequest", pos),
           RequestBody::StatsRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatsRequest>>("RequestBody::StatsRequest", pos),
+          RequestBody::InitProducerRequest => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<InitProducerRequest>>("RequestBody::InitProducerRequest", pos),
           _ => Ok(()),
         }
      })?
@@ -6787,6 +7185,13 @@ impl ::core::fmt::Debug for Request<'_> {
         },
         RequestBody::StatsRequest => {
           if let Some(x) = self.body_as_stats_request() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        RequestBody::InitProducerRequest => {
+          if let Some(x) = self.body_as_init_producer_request() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -7078,6 +7483,21 @@ impl<'a> Response<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_init_producer_response(&self) -> Option<InitProducerResponse<'a>> {
+    if self.body_type() == ResponseBody::InitProducerResponse {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { InitProducerResponse::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Response<'_> {
@@ -7104,6 +7524,7 @@ impl ::flatbuffers::Verifiable for Response<'_> {
           ResponseBody::CommitOffsetsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CommitOffsetsResponse>>("ResponseBody::CommitOffsetsResponse", pos),
           ResponseBody::FetchOffsetsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<FetchOffsetsResponse>>("ResponseBody::FetchOffsetsResponse", pos),
           ResponseBody::StatsResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<StatsResponse>>("ResponseBody::StatsResponse", pos),
+          ResponseBody::InitProducerResponse => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<InitProducerResponse>>("ResponseBody::InitProducerResponse", pos),
           _ => Ok(()),
         }
      })?
@@ -7265,6 +7686,13 @@ impl ::core::fmt::Debug for Response<'_> {
         },
         ResponseBody::StatsResponse => {
           if let Some(x) = self.body_as_stats_response() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        ResponseBody::InitProducerResponse => {
+          if let Some(x) = self.body_as_init_producer_response() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")

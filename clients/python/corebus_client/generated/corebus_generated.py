@@ -46,6 +46,24 @@ class ErrorCode(object):
     # The lock token names no event locked now: its lock expired, it was settled already, or
     # it was never issued.
     LockLost = 18
+    # An idempotent producer's batch does not follow the last one the partition has from it
+    # (a gap, or older than the batches it remembers). Nothing was appended.
+    OutOfOrderSequence = 19
+    # The batch carries an older epoch than the partition has seen for its producer id: a
+    # newer instance of the producer took over. Nothing was appended.
+    ProducerFenced = 20
+
+
+# How a topic stores what producers send (as Kafka's `compression.type`).
+class TopicCompression(object):
+    # Keep each batch as the producer compressed it.
+    Producer = 0
+    # Store uncompressed.
+    None_ = 1
+    # Recompress to LZ4.
+    Lz4 = 2
+    # Recompress to zstd.
+    Zstd = 3
 
 
 # Where a new subscription starts in each partition.
@@ -84,6 +102,7 @@ class RequestBody(object):
     CommitOffsetsRequest = 12
     FetchOffsetsRequest = 13
     StatsRequest = 14
+    InitProducerRequest = 15
 
 
 class ResponseBody(object):
@@ -102,6 +121,7 @@ class ResponseBody(object):
     CommitOffsetsResponse = 12
     FetchOffsetsResponse = 13
     StatsResponse = 14
+    InitProducerResponse = 15
 
 
 # An error: a typed code and a human-readable message.
@@ -199,8 +219,16 @@ class CreateTopicRequest(object):
             return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
         return -1
 
+    # How the topic stores batches: as the producer sent them, or recompressed.
+    # CreateTopicRequest
+    def Compression(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
+        return 0
+
 def CreateTopicRequestStart(builder):
-    builder.StartObject(4)
+    builder.StartObject(5)
 
 def CreateTopicRequestAddName(builder, name):
     builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(name), 0)
@@ -213,6 +241,9 @@ def CreateTopicRequestAddRetentionMs(builder, retentionMs):
 
 def CreateTopicRequestAddRetentionBytes(builder, retentionBytes):
     builder.PrependInt64Slot(3, retentionBytes, -1)
+
+def CreateTopicRequestAddCompression(builder, compression):
+    builder.PrependUint8Slot(4, compression, 0)
 
 def CreateTopicRequestEnd(builder):
     return builder.EndObject()
@@ -410,8 +441,15 @@ class TopicInfo(object):
             return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
         return -1
 
+    # TopicInfo
+    def Compression(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint8Flags, o + self._tab.Pos)
+        return 0
+
 def TopicInfoStart(builder):
-    builder.StartObject(4)
+    builder.StartObject(5)
 
 def TopicInfoAddName(builder, name):
     builder.PrependUOffsetTRelativeSlot(0, flatbuffers.number_types.UOffsetTFlags.py_type(name), 0)
@@ -424,6 +462,9 @@ def TopicInfoAddRetentionMs(builder, retentionMs):
 
 def TopicInfoAddRetentionBytes(builder, retentionBytes):
     builder.PrependInt64Slot(3, retentionBytes, -1)
+
+def TopicInfoAddCompression(builder, compression):
+    builder.PrependUint8Slot(4, compression, 0)
 
 def TopicInfoEnd(builder):
     return builder.EndObject()
@@ -1081,6 +1122,102 @@ def ProduceResponseStartPartitionsVector(builder, numElems):
     return builder.StartVector(4, numElems, 4)
 
 def ProduceResponseEnd(builder):
+    return builder.EndObject()
+
+
+
+# Asks for an idempotent producer identity. With `producer_id` -1 the broker hands out a
+# new id at epoch 0. With an id it handed out before and that id's current epoch, it
+# returns the same id at the next epoch: batches of the older epoch are then refused with
+# `ProducerFenced`.
+class InitProducerRequest(object):
+    __slots__ = ['_tab']
+
+    @classmethod
+    def GetRootAs(cls, buf, offset=0):
+        n = flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, offset)
+        x = InitProducerRequest()
+        x.Init(buf, n + offset)
+        return x
+
+    @classmethod
+    def GetRootAsInitProducerRequest(cls, buf, offset=0):
+        """This method is deprecated. Please switch to GetRootAs."""
+        return cls.GetRootAs(buf, offset)
+    # InitProducerRequest
+    def Init(self, buf, pos):
+        self._tab = flatbuffers.table.Table(buf, pos)
+
+    # InitProducerRequest
+    def ProducerId(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int64Flags, o + self._tab.Pos)
+        return -1
+
+    # InitProducerRequest
+    def ProducerEpoch(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Int32Flags, o + self._tab.Pos)
+        return -1
+
+def InitProducerRequestStart(builder):
+    builder.StartObject(2)
+
+def InitProducerRequestAddProducerId(builder, producerId):
+    builder.PrependInt64Slot(0, producerId, -1)
+
+def InitProducerRequestAddProducerEpoch(builder, producerEpoch):
+    builder.PrependInt32Slot(1, producerEpoch, -1)
+
+def InitProducerRequestEnd(builder):
+    return builder.EndObject()
+
+
+
+class InitProducerResponse(object):
+    __slots__ = ['_tab']
+
+    @classmethod
+    def GetRootAs(cls, buf, offset=0):
+        n = flatbuffers.encode.Get(flatbuffers.packer.uoffset, buf, offset)
+        x = InitProducerResponse()
+        x.Init(buf, n + offset)
+        return x
+
+    @classmethod
+    def GetRootAsInitProducerResponse(cls, buf, offset=0):
+        """This method is deprecated. Please switch to GetRootAs."""
+        return cls.GetRootAs(buf, offset)
+    # InitProducerResponse
+    def Init(self, buf, pos):
+        self._tab = flatbuffers.table.Table(buf, pos)
+
+    # InitProducerResponse
+    def ProducerId(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(4))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # InitProducerResponse
+    def ProducerEpoch(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(6))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint16Flags, o + self._tab.Pos)
+        return 0
+
+def InitProducerResponseStart(builder):
+    builder.StartObject(2)
+
+def InitProducerResponseAddProducerId(builder, producerId):
+    builder.PrependUint64Slot(0, producerId, 0)
+
+def InitProducerResponseAddProducerEpoch(builder, producerEpoch):
+    builder.PrependUint16Slot(1, producerEpoch, 0)
+
+def InitProducerResponseEnd(builder):
     return builder.EndObject()
 
 
