@@ -94,7 +94,7 @@ pub struct Args {
     #[arg(long, default_value = "none", value_parser = parse_codec)]
     pub compression: String,
     /// Idempotent producers (`InitProducer`, numbered batches); `off` sends plain batches.
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     pub idempotence: bool,
     /// What the messages hold: `random` (a checkable pattern that does not compress) or
     /// `json` (JSON events generated from a fixed seed, about as compressible as real ones).

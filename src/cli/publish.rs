@@ -51,7 +51,7 @@ pub struct PublishArgs {
     compression: Codec,
     /// Idempotent publishing: batches are numbered, and resent after a lost connection or a
     /// broker restart without being written twice. `off`: a resend may write a batch twice.
-    #[arg(long, default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, default_value = "on", value_parser = parse_on_off, action = clap::ArgAction::Set)]
     idempotence: bool,
     /// How long a batch is resent after failures that may pass (a lost connection, a broker
     /// restarting); 0: never.
