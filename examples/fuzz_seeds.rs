@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use corebus::protocol::message::finish_request;
 use corebus::protocol::wire;
 use corebus::record::batch::stamp;
-use corebus::record::{BatchBuilder, RecordWriter, HEADER_PREFIX_LEN};
+use corebus::record::{BatchBuilder, BatchOptions, Codec, RecordWriter, HEADER_PREFIX_LEN};
 use corebus::storage::state_log;
 use corebus::subscription::state::{Counters, Op};
 use flatbuffers::FlatBufferBuilder;
@@ -185,6 +185,19 @@ fn stored_batches() -> (Vec<u8>, u64, Vec<usize>) {
     (log, next, positions)
 }
 
+/// The v1 worked example of docs/protocol.md section 8.1.
+const V1_EXAMPLE_BATCH: &str = "\
+    00000000000000006400000000000000000000000000000076bc5191010000000100000000000000\
+    0068e5cf8b0100000068e5cf8b01000000000000000000002000000000000000\
+    0068e5cf8b010000ffffffff02000000686900000000000000000000";
+
+fn from_hex(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
 fn write(dir: &Path, name: &str, bytes: &[u8]) {
     std::fs::create_dir_all(dir).expect("corpus directory");
     std::fs::write(dir.join(name), bytes).expect("seed file");
@@ -251,6 +264,34 @@ fn main() {
     write(&batches, "two-batches", &two);
     let (stored, _, _) = stored_batches();
     write(&batches, "stored-batches", &stored);
+
+    // Compressed batches, and a v1 one as old clients send them.
+    let records: Vec<String> = (0..20)
+        .map(|i| format!("{{\"order\":{i},\"status\":\"created\"}}"))
+        .collect();
+    write(&batches, "v1", &from_hex(V1_EXAMPLE_BATCH));
+    let compressed = root.join("compressed_batch");
+    for (codec, tag) in [(Codec::Lz4, 0u8), (Codec::Zstd, 1)] {
+        let mut b = BatchBuilder::new();
+        for r in &records {
+            b.push(&RecordWriter {
+                timestamp_ms: 1_700_000_000_000,
+                value: r.as_bytes(),
+                ..RecordWriter::default()
+            });
+        }
+        let bytes = b.finish_with(BatchOptions {
+            codec,
+            producer: None,
+        });
+        write(&batches, &format!("{codec}"), &bytes);
+        // compressed_batch input: codec tag, declared size, record count, region.
+        let mut input = vec![tag];
+        input.extend_from_slice(&bytes[72..76]);
+        input.push(records.len() as u8);
+        input.extend_from_slice(&bytes[80..]);
+        write(&compressed, &format!("{codec}"), &input);
+    }
 
     let segments = root.join("segment_recovery");
     let (log, next, positions) = stored_batches();

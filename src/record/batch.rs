@@ -770,6 +770,37 @@ mod tests {
         assert_eq!(record.timestamp_ms, 1_700_000_000_000);
     }
 
+    /// docs/protocol.md section 8.2: a one-record v2 batch of an idempotent producer, LZ4.
+    const DOCUMENTED_LZ4_BATCH: &str = "\
+        0000000000000000840000000000000000000000000000008f74b11a020001000100000000000000\
+        0068e5cf8b0100000068e5cf8b010000070000000000000000000000000000005100000000000000\
+        234d000100ff1068e5cf8b010000ffffffff2f00000068656c6c6f2c20636f726562757321201000\
+        0ca000000000000000000000";
+
+    #[test]
+    fn the_compressed_example_of_docs_protocol_md_is_what_the_builder_writes() {
+        let documented = from_hex(DOCUMENTED_LZ4_BATCH);
+        let value = b"hello, corebus! hello, corebus! hello, corebus!";
+        let mut b = BatchBuilder::new();
+        b.push(&RecordWriter {
+            timestamp_ms: 1_700_000_000_000,
+            value,
+            ..RecordWriter::default()
+        });
+        let built = b.finish_with(BatchOptions {
+            codec: Codec::Lz4,
+            producer: Some(ProducerFields {
+                producer_id: 7,
+                epoch: 0,
+                base_sequence: 0,
+            }),
+        });
+        assert_eq!(built, documented, "the builder writes exactly the documented bytes");
+        let batch = Batch::validate(&documented, LIMITS, &mut Decompressor::new()).expect("valid");
+        assert_eq!(batch.header().records_len(), 81);
+        assert_eq!(values(&batch), [value.to_vec()]);
+    }
+
     #[test]
     fn lying_lengths_are_refused() {
         let mut bytes = sample_batch(2);
