@@ -38,9 +38,7 @@ fn batches(c: &mut Criterion) {
     group.bench_function("crc32c", |b| b.iter(|| crc32c::crc32c(&batch)));
     let mut decompressor = Decompressor::new();
     group.bench_function("validate", |b| {
-        b.iter(|| {
-            Batch::validate(&batch, LIMITS, &mut decompressor).map(|b| b.as_bytes().len())
-        })
+        b.iter(|| Batch::validate(&batch, LIMITS, &mut decompressor).map(|b| b.as_bytes().len()))
     });
     group.finish();
 }

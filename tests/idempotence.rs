@@ -153,7 +153,10 @@ fn the_sequence_table_holds_across_kill9_and_clean_restarts() {
     assert!(replies.iter().all(|r| *r == Ok((3, 4))), "{replies:?}");
     // A gap.
     let gap = batch(&["x"], fields(id, 0, 9), Codec::None);
-    assert_eq!(code(produce(&mut s, "t", gap)), ErrorCode::OutOfOrderSequence);
+    assert_eq!(
+        code(produce(&mut s, "t", gap)),
+        ErrorCode::OutOfOrderSequence
+    );
     // Two batches of one producer in one request are refused as a whole.
     let two = [
         batch(&["y"], fields(id, 0, 5), Codec::None),
@@ -261,9 +264,22 @@ fn publish_through_two_crashes(name: &str, count: u64, idempotence: &str) -> Vec
         let _ = std::io::Read::read_to_string(&mut e, &mut stderr);
     }
     assert!(status.success(), "publish failed: {stderr}");
-    assert_eq!(acked.load(Ordering::Relaxed), count, "every line acknowledged");
+    assert_eq!(
+        acked.load(Ordering::Relaxed),
+        count,
+        "every line acknowledged"
+    );
     let out = ok_stdout(&broker.cli(
-        &["consume", "p", "--from", "earliest", "--format", "json", "--count", &(2 * count).to_string()],
+        &[
+            "consume",
+            "p",
+            "--from",
+            "earliest",
+            "--format",
+            "json",
+            "--count",
+            &(2 * count).to_string(),
+        ],
         "",
     ));
     parse_consumed(&out).into_iter().map(|c| c.value).collect()
@@ -312,17 +328,26 @@ fn every_codec_and_v1_batches_read_back_side_by_side_and_bombs_are_refused() {
     assert_eq!(produce(&mut s, "c", v1), Ok((900, 900)));
     let all = read_all(&broker.addr(), "c");
     assert_eq!(all.len(), 901);
-    for (i, codec) in [Codec::None, Codec::Lz4, Codec::Zstd].into_iter().enumerate() {
+    for (i, codec) in [Codec::None, Codec::Lz4, Codec::Zstd]
+        .into_iter()
+        .enumerate()
+    {
         let part = &all[i * 300..(i + 1) * 300];
         assert!(part.iter().all(|(_, _, c)| *c == codec), "{codec}");
         for (n, (_, v, _)) in part.iter().enumerate() {
             let json: serde_json::Value = serde_json::from_str(v).expect("json");
-            assert_eq!((json["codec"].as_str(), json["n"].as_u64()), (Some(codec.name()), Some(n as u64)));
+            assert_eq!(
+                (json["codec"].as_str(), json["n"].as_u64()),
+                (Some(codec.name()), Some(n as u64))
+            );
         }
     }
     assert_eq!(all[900].1, "hi");
     // The CLI decompresses too.
-    let out = ok_stdout(&broker.cli(&["consume", "c", "--from", "earliest", "--count", "901"], ""));
+    let out = ok_stdout(&broker.cli(
+        &["consume", "c", "--from", "earliest", "--count", "901"],
+        "",
+    ));
     assert_eq!(out.lines().count(), 901);
 
     // A topic that recompresses: what came uncompressed (v2 and v1) is stored as zstd; a

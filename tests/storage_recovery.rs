@@ -263,7 +263,8 @@ fn a_damaged_last_batch_is_refused_and_a_torn_one_is_cut() {
         let _ = std::fs::remove_dir_all(&scratch);
         let k = (36..80)
             .find(|&k| {
-                (all[k - 1] as usize + HEADER_PREFIX_LEN).next_multiple_of(512) + 32 < all[k] as usize
+                (all[k - 1] as usize + HEADER_PREFIX_LEN).next_multiple_of(512) + 32
+                    < all[k] as usize
             })
             .expect("a batch across a sector boundary");
         let first = k as u64 * 3;

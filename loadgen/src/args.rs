@@ -190,8 +190,7 @@ impl Args {
                 crate::payload::HEADER_BYTES
             ));
         }
-        if self.payload == PayloadKind::Json && self.message_size < crate::payload::MIN_JSON_BYTES
-        {
+        if self.payload == PayloadKind::Json && self.message_size < crate::payload::MIN_JSON_BYTES {
             return Err(format!(
                 "--payload json needs --message-size of at least {}",
                 crate::payload::MIN_JSON_BYTES

@@ -108,9 +108,30 @@ const REGIONS: [&str; 6] = [
     "ap-northeast-1",
 ];
 const WORDS: [&str; 24] = [
-    "please", "deliver", "to", "the", "back", "door", "gift", "wrap", "call", "before",
-    "arrival", "leave", "with", "neighbour", "fragile", "handle", "care", "office", "hours",
-    "only", "weekend", "express", "standard", "pickup",
+    "please",
+    "deliver",
+    "to",
+    "the",
+    "back",
+    "door",
+    "gift",
+    "wrap",
+    "call",
+    "before",
+    "arrival",
+    "leave",
+    "with",
+    "neighbour",
+    "fragile",
+    "handle",
+    "care",
+    "office",
+    "hours",
+    "only",
+    "weekend",
+    "express",
+    "standard",
+    "pickup",
 ];
 
 /// splitmix64: the seeded generator of the JSON events' fields.
@@ -162,7 +183,10 @@ fn check_json(value: &[u8]) -> Option<Decoded> {
         return None;
     }
     let number = |at: usize, len: usize| -> Option<u64> {
-        std::str::from_utf8(value.get(at..at + len)?).ok()?.parse().ok()
+        std::str::from_utf8(value.get(at..at + len)?)
+            .ok()?
+            .parse()
+            .ok()
     };
     let sent_ns = number(6, 20)?;
     let seq = number(33, 20)?;

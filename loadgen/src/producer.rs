@@ -155,7 +155,9 @@ pub async fn run(shared: Rc<Shared>) {
                 match shared.client.init_producer(None).await {
                     Ok(identity) => Some(identity),
                     Err(e) => {
-                        shared.stats.error(format!("producer {id}: InitProducer: {e}"));
+                        shared
+                            .stats
+                            .error(format!("producer {id}: InitProducer: {e}"));
                         return;
                     }
                 }

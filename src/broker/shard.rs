@@ -23,9 +23,9 @@ use super::subscriptions::SubscriptionRegistry;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
 use crate::record::batch::MAGIC_V2;
-use crate::storage::producers::SequenceError;
 use crate::record::compression::{with_shard_compressor, with_shard_decompressor};
 use crate::record::{Batch, BatchLimits, Codec, RecordError};
+use crate::storage::producers::SequenceError;
 use crate::storage::{
     FailureProbes, FetchedData, GroupCommit, LogConfig, PartitionLog, ShardSync, StorageError,
     SyncHealth,
@@ -782,9 +782,8 @@ fn split_batches(
             "produce carries no record batch",
         ));
     }
-    let idempotent = |b: &Bytes| {
-        crate::record::BatchHeader::parse(b).is_ok_and(|h| h.producer().is_some())
-    };
+    let idempotent =
+        |b: &Bytes| crate::record::BatchHeader::parse(b).is_ok_and(|h| h.producer().is_some());
     if batches.len() > 1 && batches.iter().any(idempotent) {
         return Err(ApiError::new(
             ErrorCode::InvalidRequest,

@@ -232,7 +232,11 @@ impl Client {
 
     /// Lists (topic, partition count).
     pub async fn list_topics(&self) -> Result<Vec<(String, u32)>, ClientError> {
-        let frame = self.bootstrap_connection().await?.call(requests::list_topics).await?;
+        let frame = self
+            .bootstrap_connection()
+            .await?
+            .call(requests::list_topics)
+            .await?;
         let response = parse_response(&frame)?;
         let body = expect_body(response.body_as_list_topics_response(), "topic list")?;
         Ok(body

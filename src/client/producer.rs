@@ -100,6 +100,10 @@ pub struct Producer {
     sequences: HashMap<u32, Rc<PartitionSequence>>,
     /// Set when a batch failed for good, so that the caller learns it also from `flush`.
     failed: Rc<Cell<bool>>,
+    /// Set when a numbered batch failed for good: its sequence numbers are a gap the
+    /// partition would refuse every later batch for, so the next batch moves the producer
+    /// to its next epoch and numbers every partition from 0 again.
+    needs_new_epoch: Rc<Cell<bool>>,
 }
 
 impl Producer {
@@ -115,6 +119,7 @@ impl Producer {
             identity: None,
             sequences: HashMap::new(),
             failed: Rc::new(Cell::new(false)),
+            needs_new_epoch: Rc::new(Cell::new(false)),
         }
     }
 
@@ -163,13 +168,19 @@ impl Producer {
 
     /// The producer's id and epoch, asking the broker on first use.
     async fn identity_or_init(&mut self) -> Result<(u64, u16), ClientError> {
-        if let Some(identity) = self.identity {
-            return Ok(identity);
-        }
+        let previous = match self.identity {
+            Some(identity) if !self.needs_new_epoch.get() => return Ok(identity),
+            other => other,
+        };
         let started = Instant::now();
         loop {
-            match self.client.init_producer(None).await {
+            match self.client.init_producer(previous).await {
                 Ok(identity) => {
+                    if previous.is_some() {
+                        // Batches still resent under the old epoch will be fenced.
+                        self.sequences.clear();
+                        self.needs_new_epoch.set(false);
+                    }
                     self.identity = Some(identity);
                     return Ok(identity);
                 }
@@ -252,6 +263,7 @@ impl Producer {
             sequence: sequence.as_ref().map(|(s, base, _)| (Rc::clone(s), *base)),
         };
         let failed = Rc::clone(&self.failed);
+        let needs_new_epoch = Rc::clone(&self.needs_new_epoch);
         glommio::spawn_local(async move {
             let result = sending.deliver(first).await;
             if let Some((seq, base, partition_permit)) = sequence {
@@ -267,6 +279,9 @@ impl Producer {
                 }
                 Err(e) => {
                     failed.set(true);
+                    if sending.sequence.is_some() {
+                        needs_new_epoch.set(true);
+                    }
                     fail(acks, e);
                 }
             }

@@ -461,11 +461,9 @@ impl BatchBuilder {
         } else {
             let mut out = Vec::with_capacity(V2_HEADER_LEN + records_len / 2 + 64);
             out.resize(V2_HEADER_LEN, 0);
-            let compressed = self.compressor.compress_into(
-                codec,
-                &self.buf[V2_HEADER_LEN..],
-                &mut out,
-            );
+            let compressed =
+                self.compressor
+                    .compress_into(codec, &self.buf[V2_HEADER_LEN..], &mut out);
             // Data that does not shrink (or a codec failure) is stored as it is.
             if compressed.is_err() || out.len() >= self.buf.len() {
                 codec = Codec::None;
@@ -526,7 +524,9 @@ pub fn recompress(
     let producer = header.producer();
     let records: &[u8] = match header.codec() {
         Some(Codec::None) => batch.stored_records(),
-        Some(from) => decompressor.decompress(from, batch.stored_records(), records_len, records_len)?,
+        Some(from) => {
+            decompressor.decompress(from, batch.stored_records(), records_len, records_len)?
+        }
         None => return Err(RecordError::BadAttributes(header.attributes())),
     };
     let mut codec = codec;
@@ -631,7 +631,10 @@ mod tests {
         assert_eq!(batch.header().first_timestamp_ms(), 1000);
         assert_eq!(batch.header().max_timestamp_ms(), 1004);
         assert_eq!(batch.header().producer(), None);
-        assert_eq!(values(&batch)[4], b"value-4 {\"kind\":\"order\",\"status\":\"created\"}");
+        assert_eq!(
+            values(&batch)[4],
+            b"value-4 {\"kind\":\"order\",\"status\":\"created\"}"
+        );
     }
 
     #[test]
@@ -661,13 +664,9 @@ mod tests {
             assert_eq!(values(&batch), values(&plain_batch), "{codec}");
             // Recompressing to any codec keeps the records and the producer.
             for to in [Codec::None, Codec::Lz4, Codec::Zstd] {
-                let again = recompress(
-                    &batch,
-                    to,
-                    &mut Decompressor::new(),
-                    &mut Compressor::new(),
-                )
-                .expect("recompress");
+                let again =
+                    recompress(&batch, to, &mut Decompressor::new(), &mut Compressor::new())
+                        .expect("recompress");
                 let again =
                     Batch::validate(&again, LIMITS, &mut Decompressor::new()).expect("valid");
                 assert_eq!(again.header().codec(), Some(to));
@@ -716,8 +715,8 @@ mod tests {
     fn stamping_does_not_break_the_crc() {
         let mut bytes = sample_batch(3);
         stamp(&mut bytes[..HEADER_PREFIX_LEN], 42, 7);
-        let batch = Batch::validate(&bytes, LIMITS, &mut Decompressor::new())
-            .expect("valid after stamp");
+        let batch =
+            Batch::validate(&bytes, LIMITS, &mut Decompressor::new()).expect("valid after stamp");
         assert_eq!(batch.header().base_offset(), 42);
         assert_eq!(batch.header().last_offset(), 44);
         assert_eq!(batch.header().append_time_ms(), 7);
@@ -765,7 +764,12 @@ mod tests {
         assert_eq!(batch.header().codec(), Some(Codec::None));
         assert_eq!(batch.header().producer(), None);
         let mut d = Decompressor::new();
-        let record = batch.records(&mut d).expect("records").next().expect("one").expect("ok");
+        let record = batch
+            .records(&mut d)
+            .expect("records")
+            .next()
+            .expect("one")
+            .expect("ok");
         assert_eq!(record.value, b"hi");
         assert_eq!(record.timestamp_ms, 1_700_000_000_000);
     }
@@ -795,7 +799,10 @@ mod tests {
                 base_sequence: 0,
             }),
         });
-        assert_eq!(built, documented, "the builder writes exactly the documented bytes");
+        assert_eq!(
+            built, documented,
+            "the builder writes exactly the documented bytes"
+        );
         let batch = Batch::validate(&documented, LIMITS, &mut Decompressor::new()).expect("valid");
         assert_eq!(batch.header().records_len(), 81);
         assert_eq!(values(&batch), [value.to_vec()]);

@@ -100,7 +100,10 @@ impl Compressor {
         match codec {
             Codec::None => out.extend_from_slice(input),
             Codec::Lz4 => {
-                out.resize(start + lz4_flex::block::get_maximum_output_size(input.len()), 0);
+                out.resize(
+                    start + lz4_flex::block::get_maximum_output_size(input.len()),
+                    0,
+                );
                 let n = lz4_flex::block::compress_into(input, &mut out[start..])
                     .map_err(|_| RecordError::Compression("lz4 output buffer too small"))?;
                 out.truncate(start + n);

@@ -448,8 +448,7 @@ impl PartitionLog {
                 if len < HEADER_PREFIX_LEN {
                     break;
                 }
-                if let Some(fields) = header.producer().filter(|_| header.last_offset() >= offset)
-                {
+                if let Some(fields) = header.producer().filter(|_| header.last_offset() >= offset) {
                     let count = header.record_count();
                     let (base, last) = (header.base_offset(), header.last_offset());
                     table.record(fields, count, base, last, header.append_time_ms());

@@ -151,9 +151,7 @@ impl ProducerTable {
                 found: producer.epoch,
             });
         }
-        let last_sequence = producer
-            .base_sequence
-            .wrapping_add(count.saturating_sub(1));
+        let last_sequence = producer.base_sequence.wrapping_add(count.saturating_sub(1));
         if producer.epoch > state.epoch {
             // A new epoch starts its numbering again.
             if producer.base_sequence == 0 {
@@ -197,9 +195,7 @@ impl ProducerTable {
     ) {
         let batch = SequencedBatch {
             first_sequence: producer.base_sequence,
-            last_sequence: producer
-                .base_sequence
-                .wrapping_add(count.saturating_sub(1)),
+            last_sequence: producer.base_sequence.wrapping_add(count.saturating_sub(1)),
             base_offset,
             last_offset,
         };
@@ -299,7 +295,11 @@ impl ProducerTable {
 
     /// Reads a snapshot: the table and the offset it covers up to. `None` for anything but an
     /// intact snapshot (the caller then rebuilds from the log).
-    pub fn from_snapshot(bytes: &[u8], max_producers: usize, expiry_ms: u64) -> Option<(Self, u64)> {
+    pub fn from_snapshot(
+        bytes: &[u8],
+        max_producers: usize,
+        expiry_ms: u64,
+    ) -> Option<(Self, u64)> {
         let (body, crc) = bytes.split_at_checked(bytes.len().checked_sub(4)?)?;
         if crc32c::crc32c(body).to_le_bytes() != crc {
             return None;
@@ -417,12 +417,18 @@ mod tests {
             t.record(p(0, i * 2), 2, u64::from(i) * 2, u64::from(i) * 2 + 1, 5);
         }
         assert!(t.check(p(0, 2), 2, 5).is_err(), "batch 1 is forgotten");
-        assert!(matches!(t.check(p(0, 4), 2, 5), Ok(Sequenced::Duplicate(_))));
+        assert!(matches!(
+            t.check(p(0, 4), 2, 5),
+            Ok(Sequenced::Duplicate(_))
+        ));
         let snap = t.snapshot(10);
         let (back, next) = ProducerTable::from_snapshot(&snap, 100, 60_000).expect("intact");
         assert_eq!(next, 10);
         // Batches at or past offset 10 are left to the log.
-        assert!(matches!(back.check(p(0, 8), 2, 5), Ok(Sequenced::Duplicate(_))));
+        assert!(matches!(
+            back.check(p(0, 8), 2, 5),
+            Ok(Sequenced::Duplicate(_))
+        ));
         assert_eq!(back.check(p(0, 10), 2, 5), Ok(Sequenced::New));
         let mut bad = snap.clone();
         bad[20] ^= 1;

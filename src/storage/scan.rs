@@ -100,7 +100,8 @@ pub async fn scan_segment(
                 }
             }
             let header_bytes = &rest[..rest.len().min(HEADER_PREFIX_LEN)];
-            let zeros = header_bytes.len() == HEADER_PREFIX_LEN && header_bytes.iter().all(|&b| b == 0);
+            let zeros =
+                header_bytes.len() == HEADER_PREFIX_LEN && header_bytes.iter().all(|&b| b == 0);
             if zeros && abs >= durable_end {
                 return Ok(ScanEnd::Clean);
             }

@@ -4,8 +4,7 @@ use flatbuffers::FlatBufferBuilder;
 
 use crate::broker::mesh::TopicChange;
 use crate::broker::metadata::{
-    compression_from_wire, compression_to_wire, optional, to_wire, validate_topic_name,
-    TopicConfig,
+    compression_from_wire, compression_to_wire, optional, to_wire, validate_topic_name, TopicConfig,
 };
 use crate::broker::shard::Shard;
 use crate::protocol::frame::OutFrame;
