@@ -120,7 +120,15 @@ fn sigterm_during_a_publish_stream_loses_nothing_and_the_restart_skips_the_scan(
     let mut broker = Broker::start("sigterm", 2, &[]);
     ok_stdout(&broker.cli(&["topic", "create", "s", "--partitions", "4"], ""));
     let mut publisher = Command::new(COREBUS)
-        .args(["publish", "s", "--print-acks", "--batch-records", "10"])
+        .args([
+            "publish",
+            "s",
+            "--print-acks",
+            "--batch-records",
+            "10",
+            "--delivery-timeout",
+            "0",
+        ])
         .env("COREBUS_ADDR", broker.addr())
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -46,7 +46,15 @@ struct Publisher {
 impl Publisher {
     fn start(addr: &str, topic: &str, prefix: String) -> Self {
         let mut child = Command::new(COREBUS)
-            .args(["publish", topic, "--print-acks", "--batch-records", "20"])
+            .args([
+                "publish",
+                topic,
+                "--print-acks",
+                "--batch-records",
+                "20",
+                "--delivery-timeout",
+                "0",
+            ])
             .env("COREBUS_ADDR", addr)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

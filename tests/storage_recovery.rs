@@ -725,6 +725,12 @@ fn catching_up_from_disk_through_the_read_ahead_serves_every_record_once() {
             from_disk > 2 << 20,
             "most of the log is older than the 16 KiB tail, yet only {from_disk} bytes came from disk"
         );
+        // The newest batch is in the 16 KiB tail cache: a read of it is served from memory.
+        let tail = log
+            .fetch(log.high_watermark() - 1, 64 * 1024, Duration::ZERO)
+            .await
+            .expect("fetch the tail");
+        assert!(!tail.batches.is_empty());
         assert!(metrics.fetched_from_memory_bytes.get() > 0);
         // Jump back into the first segment after reading far ahead.
         let data = log
