@@ -98,8 +98,6 @@ pub struct Producer {
     /// The id and epoch from `InitProducer`, asked for with the first batch.
     identity: Option<(u64, u16)>,
     sequences: HashMap<u32, Rc<PartitionSequence>>,
-    /// Set when a batch failed for good, so that the caller learns it also from `flush`.
-    failed: Rc<Cell<bool>>,
     /// Set when a numbered batch failed for good: its sequence numbers are a gap the
     /// partition would refuse every later batch for, so the next batch moves the producer
     /// to its next epoch and numbers every partition from 0 again.
@@ -118,19 +116,8 @@ impl Producer {
             permits,
             identity: None,
             sequences: HashMap::new(),
-            failed: Rc::new(Cell::new(false)),
             needs_new_epoch: Rc::new(Cell::new(false)),
         }
-    }
-
-    /// The producer id and epoch, once the first idempotent batch asked for them.
-    pub fn identity(&self) -> Option<(u64, u16)> {
-        self.identity
-    }
-
-    /// True once some batch failed for good (its records' acks carry the error).
-    pub fn has_failed(&self) -> bool {
-        self.failed.get()
     }
 
     /// Adds a record to `partition`'s open batch, sending the batch if it is full.
@@ -205,19 +192,17 @@ impl Producer {
                 let _ = ack.send(Err(e.clone()));
             }
         };
-        let count = open.builder.len();
-        let mut options = BatchOptions {
-            codec: self.options.compression,
-            producer: None,
+        let Ok(permit) = self.permits.acquire_static_permit(1).await else {
+            return fail(acks, ClientError::Closed("producer is closed".into()));
         };
+        // An idempotent producer's batch takes its sequence numbers (and one of the
+        // partition's unanswered places) now: batches are numbered in the order they are sent.
+        let mut producer = None;
         let mut sequence = None;
         if self.options.idempotence {
             let (producer_id, epoch) = match self.identity_or_init().await {
                 Ok(identity) => identity,
-                Err(e) => {
-                    self.failed.set(true);
-                    return fail(acks, e);
-                }
+                Err(e) => return fail(acks, e),
             };
             let seq = Rc::clone(self.sequences.entry(partition).or_insert_with(|| {
                 Rc::new(PartitionSequence {
@@ -226,29 +211,23 @@ impl Producer {
                     permits: Rc::new(Semaphore::new(MAX_IN_FLIGHT_PER_PARTITION as u64)),
                 })
             }));
-            options.producer = Some(ProducerFields {
+            let Ok(partition_permit) = seq.permits.acquire_static_permit(1).await else {
+                return fail(acks, ClientError::Closed("producer is closed".into()));
+            };
+            let base = seq.next.get();
+            seq.next.set(base + u64::from(open.builder.len()));
+            seq.unanswered.borrow_mut().insert(base);
+            producer = Some(ProducerFields {
                 producer_id,
                 epoch,
-                base_sequence: seq.next.get() as u32,
+                base_sequence: base as u32,
             });
-            sequence = Some((seq, u64::from(count)));
+            sequence = Some((seq, base, partition_permit));
         }
-        let bytes = Bytes::from(open.builder.finish_with(options));
-        let Ok(permit) = self.permits.acquire_static_permit(1).await else {
-            return fail(acks, ClientError::Closed("producer is closed".into()));
-        };
-        let sequence = match sequence {
-            Some((seq, count)) => {
-                let Ok(partition_permit) = seq.permits.acquire_static_permit(1).await else {
-                    return fail(acks, ClientError::Closed("producer is closed".into()));
-                };
-                let base = seq.next.get();
-                seq.next.set(base + count);
-                seq.unanswered.borrow_mut().insert(base);
-                Some((seq, base, partition_permit))
-            }
-            None => None,
-        };
+        let bytes = Bytes::from(open.builder.finish_with(BatchOptions {
+            codec: self.options.compression,
+            producer,
+        }));
         // Queued here, in order; a task per request would race to the socket.
         let first = self
             .client
@@ -262,7 +241,6 @@ impl Producer {
             delivery_timeout: self.options.delivery_timeout,
             sequence: sequence.as_ref().map(|(s, base, _)| (Rc::clone(s), *base)),
         };
-        let failed = Rc::clone(&self.failed);
         let needs_new_epoch = Rc::clone(&self.needs_new_epoch);
         glommio::spawn_local(async move {
             let result = sending.deliver(first).await;
@@ -278,7 +256,6 @@ impl Producer {
                     }
                 }
                 Err(e) => {
-                    failed.set(true);
                     if sending.sequence.is_some() {
                         needs_new_epoch.set(true);
                     }

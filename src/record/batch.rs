@@ -66,14 +66,6 @@ pub struct BatchLimits {
     pub max_records_bytes: usize,
 }
 
-impl BatchLimits {
-    /// Limits that refuse nothing a well-formed batch can hold (for readers of our own log).
-    pub const UNBOUNDED: Self = Self {
-        max_records: u32::MAX,
-        max_records_bytes: usize::MAX,
-    };
-}
-
 /// The idempotent producer's fields of a v2 batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProducerFields {
@@ -308,10 +300,6 @@ impl<'a> Batch<'a> {
     /// The records region as stored (compressed if the batch is).
     pub fn stored_records(&self) -> &'a [u8] {
         &self.bytes[self.header_len..]
-    }
-    /// True when the records region is compressed.
-    pub fn is_compressed(&self) -> bool {
-        self.header().codec() != Some(Codec::None)
     }
 
     /// The records of the batch, decompressed into `decompressor` if needed (bounded only by

@@ -442,19 +442,13 @@ impl PartitionLog {
             };
             let bytes = fetched.batches.contiguous();
             read += bytes.len();
-            let mut at = 0usize;
-            while let Ok(header) = BatchHeader::parse(&bytes[at.min(bytes.len())..]) {
-                let len = header.batch_len() as usize;
-                if len < HEADER_PREFIX_LEN {
-                    break;
-                }
+            for header in stored_headers(&bytes) {
                 if let Some(fields) = header.producer().filter(|_| header.last_offset() >= offset) {
                     let count = header.record_count();
                     let (base, last) = (header.base_offset(), header.last_offset());
                     table.record(fields, count, base, last, header.append_time_ms());
                 }
                 offset = offset.max(header.last_offset() + 1);
-                at += len;
             }
         }
         let mut st = self.state.borrow_mut();
@@ -1868,19 +1862,25 @@ fn corrupt_read(path: &Path, pos: u64, what: &str) -> StorageError {
     StorageError::Corrupt(msg)
 }
 
-/// Records in whole batches read from disk (headers only: each was checked when read).
-fn count_records(batches: &[u8]) -> u64 {
-    let mut records = 0u64;
-    let mut at = 0usize;
-    while let Ok(header) = BatchHeader::parse(&batches[at.min(batches.len())..]) {
+/// The headers of whole batches read from the log (each was checked when read).
+fn stored_headers(batches: &[u8]) -> impl Iterator<Item = BatchHeader<'_>> {
+    let mut rest = batches;
+    std::iter::from_fn(move || {
+        let header = BatchHeader::parse(rest).ok()?;
         let len = header.batch_len() as usize;
-        if len < HEADER_PREFIX_LEN {
-            break;
+        if len < HEADER_PREFIX_LEN || len > rest.len() {
+            return None;
         }
-        records += u64::from(header.record_count());
-        at += len;
-    }
-    records
+        rest = &rest[len..];
+        Some(header)
+    })
+}
+
+/// Records in whole batches read from the log.
+fn count_records(batches: &[u8]) -> u64 {
+    stored_headers(batches)
+        .map(|h| u64::from(h.record_count()))
+        .sum()
 }
 
 async fn save_checkpoint(dir: &Path, checkpoint: Checkpoint) -> Result<(), StorageError> {
