@@ -6,7 +6,7 @@ mod common;
 use std::collections::HashMap;
 
 use common::{cli_at, ok_stdout, Broker};
-use corebus::broker::shard::owner_of;
+use corebus::placement::owner_of;
 
 const MESSAGES: usize = 10_000;
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use corebus::broker::config::BrokerConfig;
 use corebus::broker::handlers::dispatch;
-use corebus::broker::mesh::{ShardMessage, TopicChange};
+use corebus::broker::messages::{ShardMessage, TopicChange};
 use corebus::broker::metadata::TopicConfig;
 use corebus::broker::shard::Shard;
 use corebus::protocol::message::{error_response, parse_request, peek_envelope, ApiError};

@@ -6,6 +6,8 @@ use corebus::record::Codec;
 use corebus::storage::{Durability, GroupCommit};
 use corebus::units::parse_duration;
 
+use crate::payload::PayloadKind;
+
 /// Options of a produce/consume run.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct Args {
@@ -101,15 +103,6 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "random")]
     #[serde(serialize_with = "ser_payload")]
     pub payload: PayloadKind,
-}
-
-/// The messages' contents (`--payload`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum PayloadKind {
-    /// Header + a byte pattern.
-    Random,
-    /// Header + a JSON event.
-    Json,
 }
 
 fn ser_payload<S: serde::Serializer>(p: &PayloadKind, s: S) -> Result<S::Ok, S::Error> {

@@ -7,7 +7,14 @@
 //! header fields are fixed-width numbers at the start: about as compressible as real JSON
 //! event streams.
 
-use crate::args::PayloadKind;
+/// The messages' contents (`--payload`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PayloadKind {
+    /// Header + a byte pattern.
+    Random,
+    /// Header + a JSON event.
+    Json,
+}
 
 /// Bytes of the payload header: send time (ns), sequence, producer id.
 pub const HEADER_BYTES: usize = 20;

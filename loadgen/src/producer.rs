@@ -74,7 +74,7 @@ fn build_batch(
     sent_ns: impl Fn(usize) -> u64,
 ) -> Vec<u8> {
     let key = cursor.id.to_le_bytes();
-    let timestamp_ms = corebus::broker::shard::now_ms();
+    let timestamp_ms = corebus::clock::now_ms();
     for i in 0..count {
         let seq = cursor.seq.get();
         cursor.seq.set(seq + 1);

@@ -12,8 +12,8 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use corebus::broker::shard::now_ms;
 use corebus::client::{Client, ClientError, ClientOptions, Producer, ProducerOptions};
+use corebus::clock::now_ms;
 use corebus::record::RecordWriter;
 use corebus::subscription::SubscriptionConfig;
 use hdrhistogram::Histogram;

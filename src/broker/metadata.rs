@@ -160,31 +160,6 @@ pub fn to_wire(value: Option<u64>) -> i64 {
     value.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
-/// Longest topic name accepted.
-pub const MAX_TOPIC_NAME_LEN: usize = 200;
-
-/// Checks a topic name: 1..=200 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
-pub fn validate_topic_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_TOPIC_NAME_LEN {
-        return Err(format!(
-            "topic name must be 1..={MAX_TOPIC_NAME_LEN} characters, got {}",
-            name.len()
-        ));
-    }
-    if name == "." || name == ".." {
-        return Err(format!("topic name '{name}' is reserved"));
-    }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "topic name may only hold [A-Za-z0-9._-], found {c:?}"
-        ));
-    }
-    Ok(())
-}
-
 /// The file-backed metadata store.
 #[derive(Clone, Debug)]
 pub struct MetadataStore {
@@ -329,15 +304,6 @@ pub fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn topic_names() {
-        assert!(validate_topic_name("orders.v1_eu-west").is_ok());
-        for bad in ["", ".", "..", "a/b", "a b", "ü"] {
-            assert!(validate_topic_name(bad).is_err(), "{bad:?}");
-        }
-        assert!(validate_topic_name(&"x".repeat(201)).is_err());
-    }
 
     #[test]
     fn subscriptions_round_trip_through_json() {

@@ -5,14 +5,18 @@
 //! accepting, flush every log and exit.
 
 pub mod config;
+pub mod figures;
 pub mod handlers;
 pub mod http;
 pub mod mesh;
+pub mod messages;
 pub mod metadata;
 pub mod preflight;
 pub mod server;
 pub mod shard;
+pub mod shard_metrics;
 pub mod stats;
+pub mod subscription_registry;
 pub mod subscriptions;
 
 use std::rc::Rc;
@@ -24,7 +28,7 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
 pub use config::BrokerConfig;
-use mesh::ShardMessage;
+use messages::ShardMessage;
 use shard::Shard;
 
 use crate::storage::superblock;

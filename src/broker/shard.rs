@@ -16,10 +16,12 @@ use glommio::channels::channel_mesh::Senders;
 use glommio::sync::Semaphore;
 
 use super::config::BrokerConfig;
-use super::mesh::{PartitionOutcome, ShardMessage, TopicChange};
+use super::messages::{PartitionOutcome, ShardMessage, TopicChange};
 use super::metadata::{partition_dir, MetadataStore, TopicConfig, TopicMap, PRODUCER_ID_BLOCK};
-use super::stats::ShardMetrics;
-use super::subscriptions::SubscriptionRegistry;
+use super::shard_metrics::ShardMetrics;
+use super::subscription_registry::SubscriptionRegistry;
+use crate::clock::now_ms;
+use crate::placement::owner_of;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
 use crate::record::batch::MAGIC_V2;
@@ -30,22 +32,6 @@ use crate::storage::{
     FailureProbes, FetchedData, GroupCommit, LogConfig, PartitionLog, ShardSync, StorageError,
     SyncHealth,
 };
-
-/// 64-bit FNV-1a of the topic name: the stable hash behind partition ownership.
-pub fn fnv1a_64(bytes: &[u8]) -> u64 {
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
-}
-
-/// The shard that owns `(topic, partition)` among `shards` shards. Consecutive partitions of
-/// a topic land on consecutive shards.
-pub fn owner_of(topic: &str, partition: u32, shards: usize) -> usize {
-    (fnv1a_64(topic.as_bytes()).wrapping_add(u64::from(partition)) % shards as u64) as usize
-}
 
 /// Maps a storage error to the protocol's error codes: the one place where this happens.
 pub fn storage_to_api(error: StorageError) -> ApiError {
@@ -829,14 +815,6 @@ pub(crate) fn shard_gone(shard: usize) -> ApiError {
         ErrorCode::ShardUnavailable,
         format!("shard {shard} dropped the request"),
     )
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Names what failed to open at start: a partition, or one subscription's state of it.

@@ -1,94 +1,9 @@
-//! A shard's metrics and figures: what it counts on the request path, and how it reports
-//! them, as Prometheus samples (`/metrics`) or as a `Stats` reply (`corebus stats`).
+//! How a shard reports its figures and metrics: as Prometheus samples (`/metrics`) or as a
+//! `Stats` reply (`corebus stats`), its own or every shard's over the mesh.
 
-use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
-use std::rc::Rc;
-
+use super::figures::{PartitionFigures, ShardFigures};
 use super::shard::Shard;
-use crate::metrics::{label, sample, Histogram, Samples, StorageMetrics, LATENCY_BUCKETS};
-use crate::protocol::wire::ErrorCode;
-
-/// Request-path metrics of one shard.
-#[derive(Debug)]
-pub struct ShardMetrics {
-    /// Produce request time.
-    pub produce_latency: Histogram,
-    /// Fetch request time.
-    pub fetch_latency: Histogram,
-    /// Error replies by code name.
-    pub errors: RefCell<BTreeMap<&'static str, u64>>,
-    /// Open connections on this shard.
-    pub connections: Cell<usize>,
-    /// Connections refused at accept.
-    pub connections_refused: Cell<u64>,
-    /// Partitions and subscription states that failed to open at start (offline).
-    pub failed_at_start: Cell<u64>,
-    /// The storage layer's metrics of this shard.
-    pub storage: Rc<StorageMetrics>,
-}
-
-impl Default for ShardMetrics {
-    fn default() -> Self {
-        Self {
-            produce_latency: Histogram::new(LATENCY_BUCKETS),
-            fetch_latency: Histogram::new(LATENCY_BUCKETS),
-            errors: RefCell::new(BTreeMap::new()),
-            connections: Cell::new(0),
-            connections_refused: Cell::new(0),
-            failed_at_start: Cell::new(0),
-            storage: Rc::new(StorageMetrics::default()),
-        }
-    }
-}
-
-impl ShardMetrics {
-    /// Counts an error reply.
-    pub fn count_error(&self, code: ErrorCode) {
-        let name = code.variant_name().unwrap_or("Unknown");
-        *self.errors.borrow_mut().entry(name).or_default() += 1;
-    }
-}
-
-/// One partition's figures, as `corebus stats` shows them.
-#[derive(Clone, Debug, Default)]
-pub struct PartitionFigures {
-    /// Topic.
-    pub topic: String,
-    /// Partition.
-    pub partition: u32,
-    /// Owning shard.
-    pub shard: u32,
-    /// Earliest stored offset.
-    pub log_start_offset: u64,
-    /// Next offset to be written.
-    pub high_watermark: u64,
-    /// Bytes stored.
-    pub size_bytes: u64,
-    /// Segment files.
-    pub segments: u32,
-    /// Records acknowledged since start.
-    pub messages_in: u64,
-    /// Bytes acknowledged since start.
-    pub bytes_in: u64,
-    /// Records fetched since start.
-    pub messages_out: u64,
-    /// Bytes fetched since start.
-    pub bytes_out: u64,
-}
-
-/// One shard's figures.
-#[derive(Clone, Debug, Default)]
-pub struct ShardFigures {
-    /// Shard index.
-    pub shard: u32,
-    /// Open connections.
-    pub connections: u32,
-    /// Requests being handled.
-    pub requests_in_flight: u32,
-    /// Its partitions.
-    pub partitions: Vec<PartitionFigures>,
-}
+use crate::metrics::{label, sample, Samples};
 
 impl Shard {
     /// This shard's figures.
@@ -245,7 +160,7 @@ impl Shard {
         for other in (0..self.count).filter(|&s| s != self.id) {
             let (reply, rx) = futures::channel::oneshot::channel();
             if self
-                .send_to(other, super::mesh::ShardMessage::Samples { reply })
+                .send_to(other, super::messages::ShardMessage::Samples { reply })
                 .await
                 .is_ok()
             {
@@ -267,7 +182,7 @@ impl Shard {
             }
             let (reply, rx) = futures::channel::oneshot::channel();
             if self
-                .send_to(s, super::mesh::ShardMessage::Figures { reply })
+                .send_to(s, super::messages::ShardMessage::Figures { reply })
                 .await
                 .is_ok()
             {

@@ -12,8 +12,7 @@
 //! Dead letters go through the ordinary produce path (forwarded if the dead-letter topic's
 //! partition lives elsewhere) and are recorded as settled only after that append is durable.
 
-use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -22,12 +21,14 @@ use bytes::Bytes;
 use futures::channel::oneshot;
 use futures::future::join_all;
 use futures::Future;
-use glommio::sync::Semaphore;
 
-use super::mesh::{ShardMessage, TopicChange};
-use super::metadata::{Catalog, SubscriptionMap};
-use super::shard::{failure_key, now_ms, owner_of, shard_gone, storage_to_api, Shard};
+use super::figures::SubscriptionFigures;
+use super::messages::{SettleOutcome, ShardMessage, TopicChange};
+use super::metadata::Catalog;
+use super::shard::{failure_key, shard_gone, storage_to_api, Shard};
+use crate::clock::now_ms;
 use crate::groups::GroupOffsets;
+use crate::placement::owner_of;
 use crate::protocol::message::ApiError;
 use crate::protocol::wire::ErrorCode;
 use crate::record::{BatchBuilder, RecordIter, RecordWriter, V2_HEADER_LEN};
@@ -72,65 +73,6 @@ impl DeadLetterRound {
                 self.unfinished = Some((e, rest.collect()));
                 false
             }
-        }
-    }
-}
-
-/// The outcome of settling one token: the lock's new end for a renew.
-pub type SettleOutcome = Result<Option<i64>, ApiError>;
-
-/// A subscription's figures, summed over partitions.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SubscriptionFigures {
-    /// Events locked now.
-    pub locked: u64,
-    /// Events waiting for delivery, and events not looked at yet.
-    pub backlog: u64,
-    /// Events acknowledged.
-    pub acked: u64,
-    /// Events appended to the dead-letter topic.
-    pub dead_lettered: u64,
-    /// Events dropped for want of a dead-letter topic.
-    pub dropped: u64,
-    /// Offsets lost before they were settled (retention, or a corrupt range).
-    pub lost: u64,
-}
-
-impl std::ops::AddAssign for SubscriptionFigures {
-    fn add_assign(&mut self, o: Self) {
-        self.locked += o.locked;
-        self.backlog += o.backlog;
-        self.acked += o.acked;
-        self.dead_lettered += o.dead_lettered;
-        self.dropped += o.dropped;
-        self.lost += o.lost;
-    }
-}
-
-type PartitionKey = (String, String, u32);
-
-/// Per-shard subscription state.
-pub struct SubscriptionRegistry {
-    /// This shard's copy of every subscription definition.
-    definitions: RefCell<SubscriptionMap>,
-    /// (topic, subscription, partition) → state, for the partitions this shard owns.
-    partitions: RefCell<HashMap<PartitionKey, Rc<SubscriptionPartition>>>,
-    /// (topic, partition) → consumer-group offsets, opened on first use.
-    groups: RefCell<HashMap<(String, u32), Rc<GroupOffsets>>>,
-    /// Serializes opening group-offset files (two tasks must not create the same file).
-    groups_opening: Semaphore,
-    /// Where the next receive starts, so that partitions take turns.
-    rotation: Cell<usize>,
-}
-
-impl Default for SubscriptionRegistry {
-    fn default() -> Self {
-        Self {
-            definitions: RefCell::new(SubscriptionMap::new()),
-            partitions: RefCell::new(HashMap::new()),
-            groups: RefCell::new(HashMap::new()),
-            groups_opening: Semaphore::new(1),
-            rotation: Cell::new(0),
         }
     }
 }

@@ -5,8 +5,9 @@ use std::io::{BufRead, Write};
 use std::process::ExitCode;
 use std::rc::Rc;
 
-use corebus::broker::shard::{fnv1a_64, now_ms};
 use corebus::client::{Producer, ProducerOptions};
+use corebus::clock::now_ms;
+use corebus::placement::fnv1a_64;
 use corebus::record::{Codec, RecordWriter};
 use corebus::subscription::Nonces;
 use futures::channel::oneshot;

@@ -13,7 +13,7 @@ pub mod power_loss;
 pub mod prewrite;
 pub mod probes;
 pub mod producers;
-pub mod scan;
+
 pub mod segment;
 pub mod shard_sync;
 mod space_queue;

@@ -204,12 +204,6 @@ impl Nonces {
     }
 }
 
-/// Checks a subscription or consumer-group name: the topic-name rules.
-pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
-    crate::broker::metadata::validate_topic_name(name)
-        .map_err(|e| e.replacen("topic name", &format!("{what} name"), 1))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -19,6 +19,7 @@ use futures::channel::oneshot;
 
 use super::state::{Lease, LockError, Offer, Op, SubState};
 use super::{DeadLetter, LockToken, Nonces, SubscriptionConfig};
+use crate::clock::now_ms;
 use crate::record::compression::with_shard_decompressor;
 use crate::record::{Batch, BatchHeader};
 use crate::storage::{
@@ -124,13 +125,6 @@ impl SnapshotSource for SubscriptionPartition {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// Walks the records of fetched batches (already checked by the log) as
 /// `(offset, record bytes, record)`.
 fn for_each_record(
@@ -206,7 +200,7 @@ impl SubscriptionPartition {
                 )
             }
         };
-        let salt = crate::broker::shard::fnv1a_64(format!("{topic}/{partition}/{name}").as_bytes());
+        let salt = crate::placement::fnv1a_64(format!("{topic}/{partition}/{name}").as_bytes());
         let sp = Rc::new(Self {
             topic: topic.to_string(),
             name: name.to_string(),

@@ -2,7 +2,8 @@
 
 use flatbuffers::FlatBufferBuilder;
 
-use crate::broker::shard::{owner_of, Shard};
+use crate::broker::shard::Shard;
+use crate::placement::owner_of;
 use crate::protocol::frame::OutFrame;
 use crate::protocol::message::{finish_response, ApiError};
 use crate::protocol::wire;

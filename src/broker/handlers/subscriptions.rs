@@ -3,12 +3,13 @@
 
 use flatbuffers::FlatBufferBuilder;
 
-use crate::broker::mesh::TopicChange;
+use crate::broker::messages::TopicChange;
 use crate::broker::shard::Shard;
+use crate::names::validate_name;
 use crate::protocol::frame::OutFrame;
 use crate::protocol::message::{finish_response, ApiError};
 use crate::protocol::wire;
-use crate::subscription::{validate_name, wire as sub_wire};
+use crate::subscription::wire as sub_wire;
 
 fn invalid(message: String) -> ApiError {
     ApiError::new(wire::ErrorCode::InvalidArgument, message)

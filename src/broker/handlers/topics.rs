@@ -2,11 +2,12 @@
 
 use flatbuffers::FlatBufferBuilder;
 
-use crate::broker::mesh::TopicChange;
+use crate::broker::messages::TopicChange;
 use crate::broker::metadata::{
-    compression_from_wire, compression_to_wire, optional, to_wire, validate_topic_name, TopicConfig,
+    compression_from_wire, compression_to_wire, optional, to_wire, TopicConfig,
 };
 use crate::broker::shard::Shard;
+use crate::names::validate_topic_name;
 use crate::protocol::frame::OutFrame;
 use crate::protocol::message::{finish_response, ApiError};
 use crate::protocol::wire;

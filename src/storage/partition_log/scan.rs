@@ -10,11 +10,11 @@
 //!   cut; its offsets are recorded as a corrupt range (refused to readers, reported loudly)
 //!   and the scan resumes at the next valid batch.
 
-use super::dma;
-use super::partition_log::LogConfig;
-use super::segment::Segment;
-use super::{Durability, StorageError};
+use super::LogConfig;
 use crate::record::batch::{self, BatchHeader, HEADER_PREFIX_LEN};
+use crate::storage::dma;
+use crate::storage::segment::Segment;
+use crate::storage::{Durability, StorageError};
 
 /// Offsets whose stored bytes failed their checksum.
 #[derive(Clone, Debug, PartialEq, Eq)]
