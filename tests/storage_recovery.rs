@@ -8,8 +8,9 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use common::log::{prime_direct_io, read_all};
 use corebus::metrics::StorageMetrics;
-use corebus::record::{BatchBuilder, BatchIter, Decompressor, RecordWriter, HEADER_PREFIX_LEN};
+use corebus::record::{BatchBuilder, BatchIter, RecordWriter, HEADER_PREFIX_LEN};
 use corebus::storage::checkpoint::Checkpoint;
 use corebus::storage::{LogConfig, PartitionLog, PrewriteConfig, ShardSync};
 
@@ -38,41 +39,6 @@ fn batch(first: u64, records: u64) -> Bytes {
         });
     }
     Bytes::from(b.finish())
-}
-
-/// glommio 0.9 breaks DMA reads on a device whose first DmaFile was empty: open the
-/// (non-empty) superblock of a data directory first, as every broker shard does.
-async fn prime_direct_io() {
-    let dir = common::fresh_dir("superblock");
-    corebus::storage::superblock::ensure(&dir).expect("superblock");
-    corebus::storage::superblock::verify(&dir)
-        .await
-        .expect("direct-I/O self-test");
-}
-
-/// Every record value readable from offset 0, in order.
-async fn read_all(log: &Rc<PartitionLog>) -> Vec<String> {
-    let mut values = Vec::new();
-    let mut offset = 0;
-    while offset < log.high_watermark() {
-        let data = log
-            .fetch(offset, 64 * 1024, Duration::ZERO)
-            .await
-            .expect("fetch");
-        for batch in BatchIter::new(&data.batches.contiguous()) {
-            let batch = batch.expect("batch");
-            let base = batch.header().base_offset();
-            for r in batch.records(&mut Decompressor::new()).expect("records") {
-                let r = r.expect("record");
-                let at = base + u64::from(r.offset_delta);
-                if at >= offset {
-                    values.push(String::from_utf8_lossy(r.value).into_owned());
-                    offset = at + 1;
-                }
-            }
-        }
-    }
-    values
 }
 
 /// Writes `batches` batches of 3 records and closes the log; returns the end byte of each.

@@ -39,6 +39,7 @@ pub fn storage_to_api(error: StorageError) -> ApiError {
         StorageError::Io { .. } => ErrorCode::StorageError,
         StorageError::ReadOnly(_) => ErrorCode::ReadOnly,
         StorageError::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+        StorageError::NotABatchBoundary { .. } => ErrorCode::InvalidArgument,
         StorageError::Corrupt(_) => ErrorCode::CorruptData,
         StorageError::Sequence(SequenceError::OutOfOrder { .. }) => ErrorCode::OutOfOrderSequence,
         StorageError::Sequence(SequenceError::Fenced { .. }) => ErrorCode::ProducerFenced,

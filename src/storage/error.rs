@@ -23,6 +23,15 @@ pub enum StorageError {
         /// The next offset to be written.
         high_watermark: u64,
     },
+    /// A truncation was asked to cut inside a batch.
+    NotABatchBoundary {
+        /// The offset asked for.
+        requested: u64,
+        /// The first offset of the batch that holds it.
+        batch_base: u64,
+        /// The last offset of that batch.
+        batch_last: u64,
+    },
     /// Stored data failed its checksum and is not served.
     Corrupt(String),
     /// An idempotent producer's batch was refused (out of sequence, or fenced); nothing was
@@ -84,6 +93,15 @@ impl std::fmt::Display for StorageError {
             } => write!(
                 f,
                 "offset {requested} is out of range: the log holds [{log_start_offset}, {high_watermark})"
+            ),
+            Self::NotABatchBoundary {
+                requested,
+                batch_base,
+                batch_last,
+            } => write!(
+                f,
+                "offset {requested} is not a batch boundary: it is inside the batch \
+                 {batch_base}..={batch_last}"
             ),
             Self::Corrupt(what) => write!(f, "corrupt data: {what}"),
             Self::Sequence(e) => e.fmt(f),

@@ -253,6 +253,12 @@ impl Segment {
         }
     }
 
+    /// The index files were removed: every entry is written again with the next append.
+    pub fn forget_index_files(&mut self) {
+        self.index_on_disk = 0;
+        self.time_index_on_disk = 0;
+    }
+
     /// The index entries not yet on disk, as bytes to append, marking them written.
     pub fn take_unwritten_index(&mut self) -> IndexAppend {
         let base = self.base_offset;

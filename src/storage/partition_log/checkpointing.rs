@@ -4,8 +4,6 @@
 use std::path::Path;
 use std::rc::Rc;
 
-use futures::channel::oneshot;
-
 use super::PartitionLog;
 use crate::storage::checkpoint::Checkpoint;
 use crate::storage::dma;
@@ -56,18 +54,7 @@ impl PartitionLog {
     /// (index and checkpoint), so that the next start needs no scan.
     pub async fn close(&self) {
         self.state.borrow_mut().closed = true;
-        loop {
-            let rx = {
-                let mut st = self.state.borrow_mut();
-                if !st.flushing {
-                    break;
-                }
-                let (tx, rx) = oneshot::channel();
-                st.data_waiters.push(tx);
-                rx
-            };
-            let _ = rx.await;
-        }
+        self.wait_for_flushes().await;
         for tx in self.state.borrow_mut().data_waiters.drain(..) {
             let _ = tx.send(());
         }

@@ -9,8 +9,9 @@
 //! The parts, each in its own file: `append` (offsets, idempotent producers, the pending
 //! queue), `flush` (the group commit), `prewriting` (zero-fill and the spare segment ahead of
 //! the appender), `roll`, `reader` (the in-memory tail, disk reads and read-ahead),
-//! `checkpointing` (checkpoints and the clean stop), `retention`, and `recovery` with `scan`
-//! (what `open` does with the files it finds).
+//! `checkpointing` (checkpoints and the clean stop), `retention`, `truncation` (cutting the log
+//! back to a batch boundary) and `recovery` with `scan` (what `open` does with the files it
+//! finds).
 //!
 //! Group commit: appends go into `pending`; one flush task per log takes everything pending,
 //! writes it with a few large aligned writes into the active segment (the partial last block
@@ -31,6 +32,7 @@ mod recovery;
 mod retention;
 mod roll;
 pub mod scan;
+mod truncation;
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -110,6 +112,8 @@ struct LogState {
     /// Set after a fatal error (an fdatasync failure): the log no longer accepts writes.
     failed: Option<String>,
     closed: bool,
+    /// A truncation is running: appends are refused.
+    truncating: bool,
     /// The last checkpoint written.
     checkpointed: Checkpoint,
     /// Read-ahead for a reader catching up from disk.
@@ -188,6 +192,7 @@ impl PartitionLog {
                 corrupt,
                 failed: None,
                 closed: false,
+                truncating: false,
                 checkpointed: fresh,
                 read_ahead: None,
                 messages_in: 0,
@@ -263,6 +268,11 @@ fn check_writable(st: &LogState) -> Result<(), StorageError> {
     }
     if st.closed {
         return Err(StorageError::ReadOnly("the log is closed".into()));
+    }
+    if st.truncating {
+        return Err(StorageError::ReadOnly(
+            "the log is being truncated; append after the truncation returned".into(),
+        ));
     }
     Ok(())
 }

@@ -414,6 +414,15 @@ impl TailCache {
         }
     }
 
+    /// Drops the batches at or past `offset`, a batch boundary (a truncation cut them).
+    pub(super) fn drop_from(&mut self, offset: u64) {
+        while self.batches.back().is_some_and(|b| b.last_offset >= offset) {
+            if let Some(newest) = self.batches.pop_back() {
+                self.bytes -= newest.len();
+            }
+        }
+    }
+
     fn pop_oldest(&mut self) {
         if let Some(old) = self.batches.pop_front() {
             self.bytes -= old.len();

@@ -7,6 +7,8 @@ use std::path::Path;
 use std::rc::Rc;
 use std::time::Duration;
 
+use glommio::io::DmaFile;
+
 use super::reader::stored_headers;
 use super::retention::finish_retention;
 use super::scan::{scan_segment, CorruptRange, DurablePoint, ScanEnd};
@@ -262,37 +264,49 @@ async fn index_entry_checks_out(
     Ok(batch::crc_matches(&bytes))
 }
 
-/// Zeroes everything after the valid end of the active segment: the rest of its last block is
-/// rewritten, the remainder punched out and preallocated again, then synced.
+/// Zeroes everything after the valid end of the active segment (see [`zero_after`]).
 async fn cut_tail(seg: &mut Segment, config: &LogConfig) -> Result<(), StorageError> {
-    let end = seg.end;
-    let start = align_down(end);
-    let path = seg.path("log");
-    let keep = dma::read_range(
+    zero_after(
         &seg.file,
-        start,
-        (end - start) as usize,
-        config.max_io_bytes,
+        &seg.path("log"),
+        seg.end,
+        seg.extent.allocated(),
+        config,
     )
     .await?;
-    let mut filler = ChunkFiller::new(&seg.file, ALIGN as usize, config.max_io_bytes);
+    seg.truncate_index(seg.end);
+    Ok(())
+}
+
+/// Zeroes everything of the segment file at `path` after byte `end`: the rest of its block is
+/// rewritten, the remainder (up to `allocated`) punched out and preallocated again, then the
+/// file is synced. Returns the bytes kept of the block that holds `end` (the tail block).
+pub(super) async fn zero_after(
+    file: &DmaFile,
+    path: &Path,
+    end: u64,
+    allocated: u64,
+    config: &LogConfig,
+) -> Result<Vec<u8>, StorageError> {
+    let start = align_down(end);
+    let keep = dma::read_range(file, start, (end - start) as usize, config.max_io_bytes).await?;
+    let mut filler = ChunkFiller::new(file, ALIGN as usize, config.max_io_bytes);
     filler.put(&keep);
     filler.put(&vec![0u8; ALIGN as usize - keep.len()]);
     filler.write_at(start).await?;
     let hole = align_up(end).max(start + ALIGN);
-    if seg.extent.allocated() > hole {
-        dma::deallocate(&seg.file, hole, seg.extent.allocated() - hole)
+    if allocated > hole {
+        dma::deallocate(file, hole, allocated - hole)
             .await
             .map_err(|e| {
-                StorageError::glommio(format!("punching the torn tail of {}", path.display()), e)
+                StorageError::glommio(format!("punching the tail of {} out", path.display()), e)
             })?;
-        dma::pre_allocate(&seg.file, seg.extent.allocated())
+        dma::pre_allocate(file, allocated)
             .await
             .map_err(|e| StorageError::glommio(format!("preallocating {}", path.display()), e))?;
     }
-    dma::fdatasync(&seg.file)
+    dma::fdatasync(file)
         .await
         .map_err(|e| StorageError::glommio(format!("fdatasync of {}", path.display()), e))?;
-    seg.truncate_index(end);
-    Ok(())
+    Ok(keep)
 }
