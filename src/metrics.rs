@@ -17,6 +17,11 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
     1.0, 2.5, 10.0,
 ];
+/// A flush slower than this counts as slow (`corebus_slow_flushes_total`): ten times a
+/// typical NVMe or virtio write + `fdatasync` of a group commit, and the stalls that make an
+/// ack p99 are ten to a hundred times longer.
+pub const SLOW_FLUSH_SECONDS: f64 = 0.010;
+
 /// Upper bounds of size buckets, in bytes.
 pub const SIZE_BUCKETS: &[f64] = &[
     512.0,
@@ -103,6 +108,21 @@ pub const FAMILIES: &[(&str, &str, &str)] = &[
         "corebus_fdatasync_latency_seconds",
         "histogram",
         "fdatasync time of a flush.",
+    ),
+    (
+        "corebus_flush_latency_max_seconds",
+        "gauge",
+        "Longest flush (write plus sync) since the broker started.",
+    ),
+    (
+        "corebus_fdatasync_latency_max_seconds",
+        "gauge",
+        "Longest sync of a flush since the broker started.",
+    ),
+    (
+        "corebus_slow_flushes_total",
+        "counter",
+        "Flushes that took longer than 10 ms (write plus sync).",
     ),
     (
         "corebus_flush_bytes",
@@ -333,6 +353,12 @@ pub struct StorageMetrics {
     pub flush_latency: Histogram,
     /// fdatasync time of each flush.
     pub fdatasync_latency: Histogram,
+    /// The longest flush, in seconds.
+    pub flush_latency_max: Cell<f64>,
+    /// The longest sync of a flush, in seconds.
+    pub fdatasync_latency_max: Cell<f64>,
+    /// Flushes slower than [`SLOW_FLUSH_SECONDS`].
+    pub slow_flushes: Cell<u64>,
     /// Bytes per flush.
     pub flush_bytes: Histogram,
     /// Batches per flush.
@@ -364,6 +390,9 @@ impl Default for StorageMetrics {
         Self {
             flush_latency: Histogram::new(LATENCY_BUCKETS),
             fdatasync_latency: Histogram::new(LATENCY_BUCKETS),
+            flush_latency_max: Cell::new(0.0),
+            fdatasync_latency_max: Cell::new(0.0),
+            slow_flushes: Cell::new(0),
             flush_bytes: Histogram::new(SIZE_BUCKETS),
             flush_batches: Histogram::new(COUNT_BUCKETS),
             flush_errors: Cell::new(0),
@@ -381,17 +410,44 @@ impl Default for StorageMetrics {
 }
 
 impl StorageMetrics {
+    /// Records a completed flush that took `seconds` (write plus sync).
+    pub fn observe_flush(&self, seconds: f64) {
+        self.flush_latency.observe(seconds);
+        self.flush_latency_max
+            .set(self.flush_latency_max.get().max(seconds));
+        if seconds > SLOW_FLUSH_SECONDS {
+            self.slow_flushes.set(self.slow_flushes.get() + 1);
+        }
+    }
+
+    /// Records the sync of a flush that took `seconds`.
+    pub fn observe_sync(&self, seconds: f64) {
+        self.fdatasync_latency.observe(seconds);
+        self.fdatasync_latency_max
+            .set(self.fdatasync_latency_max.get().max(seconds));
+    }
+
     /// Renders with the given labels.
     pub fn render(&self, labels: &str, out: &mut Samples) {
         self.flush_latency
             .render("corebus_flush_latency_seconds", labels, out);
         self.fdatasync_latency
             .render("corebus_fdatasync_latency_seconds", labels, out);
+        for (family, value) in [
+            ("corebus_flush_latency_max_seconds", &self.flush_latency_max),
+            (
+                "corebus_fdatasync_latency_max_seconds",
+                &self.fdatasync_latency_max,
+            ),
+        ] {
+            sample(out, family, labels, value.get());
+        }
         self.flush_bytes.render("corebus_flush_bytes", labels, out);
         self.flush_batches
             .render("corebus_flush_batches", labels, out);
         for (family, value) in [
             ("corebus_flush_errors_total", &self.flush_errors),
+            ("corebus_slow_flushes_total", &self.slow_flushes),
             ("corebus_shard_syncs_total", &self.shard_syncs),
             ("corebus_open_logs", &self.open_logs),
             ("corebus_prewrites_in_flight", &self.prewrites_in_flight),

@@ -80,6 +80,23 @@ fn metrics_move_with_the_load() {
     assert_eq!(metric(&after, "corebus_flush_batches_count", ""), flushes);
     assert!(metric(&after, "corebus_flush_batches_sum", "") >= flushes);
     assert!(metric(&after, "corebus_flush_bytes_bucket", "le=\"+Inf\"") >= 4.0);
+    // The longest flush and the slow ones, beside the histogram they must agree with.
+    let longest = metric(&after, "corebus_flush_latency_max_seconds", "");
+    let mean = metric(&after, "corebus_flush_latency_seconds_sum", "") / flushes;
+    assert!(
+        longest > 0.0 && longest >= mean,
+        "max {longest}, mean {mean}"
+    );
+    assert!(metric(&after, "corebus_fdatasync_latency_max_seconds", "") > 0.0);
+    let within_10ms = metric(
+        &after,
+        "corebus_flush_latency_seconds_bucket",
+        "le=\"0.01\"",
+    );
+    assert_eq!(
+        metric(&after, "corebus_slow_flushes_total", ""),
+        flushes - within_10ms
+    );
     // An error is counted by code.
     let out = broker.cli(&["topic", "create", "m", "--partitions", "1"], "");
     assert!(!out.status.success());
@@ -113,6 +130,14 @@ fn metrics_move_with_the_load() {
             .any(|l| l.starts_with("m ") && l.contains("5000")),
         "{stats}"
     );
+    // Each shard's row counts its flushes, as the metrics do (nothing was produced since).
+    let shard_flushes: f64 = stats
+        .lines()
+        .skip_while(|l| !l.starts_with("SHARD"))
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(3)?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(shard_flushes, flushes, "{stats}");
 }
 
 #[test]

@@ -220,17 +220,13 @@ async fn load(args: Args, addr: String, topic: String) -> Result<(report::Report
         extra_errors += 1;
         stats.error("no message was acknowledged".into());
     }
-    // What the topic takes on disk, against the payload of every acknowledged message.
-    let disk_bytes = match client.stats().await {
-        Ok(s) => s
-            .partitions
-            .iter()
-            .filter(|p| p.topic == consumer_shared.topic)
-            .map(|p| p.size_bytes)
-            .sum(),
+    // What the topic takes on disk, against the payload of every acknowledged message, and
+    // the broker's flushes.
+    let broker = match client.stats().await {
+        Ok(s) => report::BrokerFigures::of(&s, &consumer_shared.topic),
         Err(e) => {
             stats.error(format!("stats: {e}"));
-            0
+            report::BrokerFigures::default()
         }
     };
     let host_cpu = host_at_warmup_end
@@ -245,7 +241,7 @@ async fn load(args: Args, addr: String, topic: String) -> Result<(report::Report
         consume_window,
         extra_errors,
         &host_cpu,
-        disk_bytes,
+        &broker,
     );
     drop(consumer_shared);
     let stats = Rc::try_unwrap(stats)

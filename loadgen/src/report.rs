@@ -18,6 +18,41 @@ pub struct Report {
     pub errors: u64,
 }
 
+/// What the broker says about the run (its stats request): the topic's bytes on disk and
+/// its flushes, over every shard, since the broker started (the warmup included).
+#[derive(Debug, Default)]
+pub struct BrokerFigures {
+    /// Bytes the topic's partitions store.
+    pub disk_bytes: u64,
+    /// Flushes (group commits) completed.
+    pub flushes: u64,
+    /// Of those, the ones slower than 10 ms.
+    pub slow_flushes: u64,
+    /// The longest flush, in microseconds.
+    pub flush_max_us: u64,
+    /// The longest sync of a flush, in microseconds.
+    pub sync_max_us: u64,
+}
+
+impl BrokerFigures {
+    /// The figures of `stats` for `topic`.
+    pub fn of(stats: &corebus::client::Stats, topic: &str) -> Self {
+        let shards = &stats.shards;
+        Self {
+            disk_bytes: stats
+                .partitions
+                .iter()
+                .filter(|p| p.topic == topic)
+                .map(|p| p.size_bytes)
+                .sum(),
+            flushes: shards.iter().map(|s| s.flushes).sum(),
+            slow_flushes: shards.iter().map(|s| s.slow_flushes).sum(),
+            flush_max_us: shards.iter().map(|s| s.flush_max_us).max().unwrap_or(0),
+            sync_max_us: shards.iter().map(|s| s.sync_max_us).max().unwrap_or(0),
+        }
+    }
+}
+
 fn latency_json(h: &hdrhistogram::Histogram<u64>) -> serde_json::Value {
     let mut obj = serde_json::Map::new();
     for (name, v) in percentiles(h) {
@@ -37,7 +72,7 @@ pub fn build(
     consume_window: Duration,
     extra_errors: u64,
     host_cpu: &[CpuShare],
-    disk_bytes: u64,
+    broker: &BrokerFigures,
 ) -> Report {
     let secs = measured.as_secs_f64().max(1e-9);
     let consume_secs = consume_window.as_secs_f64().max(1e-9);
@@ -69,8 +104,14 @@ pub fn build(
             "cpus": host_cpu,
             "max_steal_pct": host::max_steal(host_cpu),
         },
+        "broker": {
+            "flushes": broker.flushes,
+            "slow_flushes": broker.slow_flushes,
+            "flush_max_ms": broker.flush_max_us as f64 / 1000.0,
+            "sync_max_ms": broker.sync_max_us as f64 / 1000.0,
+        },
         "disk": {
-            "bytes": disk_bytes,
+            "bytes": broker.disk_bytes,
             "payload_bytes": stats.acked_total.get() * args.message_size as u64,
         },
         "errors": errors,
@@ -128,6 +169,14 @@ pub fn print(report: &Report, stats: &Stats) {
         disk / 1e6,
         payload / 1e6,
         disk / payload.max(1.0)
+    );
+    let b = &j["broker"];
+    println!(
+        "broker flushes since it started: {} ({} over 10 ms); longest flush {:.1} ms, longest sync {:.1} ms",
+        b["flushes"],
+        b["slow_flushes"],
+        f(&b["flush_max_ms"]),
+        f(&b["sync_max_ms"])
     );
     println!();
     println!(

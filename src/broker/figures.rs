@@ -37,6 +37,14 @@ pub struct ShardFigures {
     pub connections: u32,
     /// Requests being handled.
     pub requests_in_flight: u32,
+    /// Flushes completed since start.
+    pub flushes: u64,
+    /// Of those, the ones slower than 10 ms.
+    pub slow_flushes: u64,
+    /// The longest flush, in microseconds.
+    pub flush_max_us: u64,
+    /// The longest sync of a flush, in microseconds.
+    pub sync_max_us: u64,
     /// Its partitions.
     pub partitions: Vec<PartitionFigures>,
 }

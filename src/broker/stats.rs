@@ -29,10 +29,16 @@ impl Shard {
             })
             .collect();
         partitions.sort_by(|a, b| (&a.topic, a.partition).cmp(&(&b.topic, b.partition)));
+        let storage = &self.metrics.storage;
+        let micros = |seconds: f64| (seconds * 1e6) as u64;
         ShardFigures {
             shard: self.id as u32,
             connections: self.metrics.connections.get() as u32,
             requests_in_flight: self.requests_in_flight() as u32,
+            flushes: storage.flush_latency.count(),
+            slow_flushes: storage.slow_flushes.get(),
+            flush_max_us: micros(storage.flush_latency_max.get()),
+            sync_max_us: micros(storage.fdatasync_latency_max.get()),
             partitions,
         }
     }

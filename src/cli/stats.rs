@@ -89,11 +89,26 @@ pub async fn run(args: StatsArgs) -> Result<ExitCode, String> {
     }
     println!();
     println!(
-        "{:<6} {:>12} {:>18}",
-        "SHARD", "CONNECTIONS", "REQUESTS IN FLIGHT"
+        "{:<6} {:>12} {:>18} {:>10} {:>14} {:>14} {:>13}",
+        "SHARD",
+        "CONNECTIONS",
+        "REQUESTS IN FLIGHT",
+        "FLUSHES",
+        "OVER 10 MS",
+        "MAX FLUSH MS",
+        "MAX SYNC MS"
     );
-    for (shard, connections, in_flight) in &second.shards {
-        println!("{shard:<6} {connections:>12} {in_flight:>18}");
+    for s in &second.shards {
+        println!(
+            "{:<6} {:>12} {:>18} {:>10} {:>14} {:>14.1} {:>13.1}",
+            s.shard,
+            s.connections,
+            s.requests_in_flight,
+            s.flushes,
+            s.slow_flushes,
+            s.flush_max_us as f64 / 1000.0,
+            s.sync_max_us as f64 / 1000.0
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

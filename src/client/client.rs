@@ -90,11 +90,30 @@ pub struct PartitionStats {
     pub bytes_out: u64,
 }
 
+/// One shard's figures.
+#[derive(Clone, Debug, Default)]
+pub struct ShardStats {
+    /// Shard index.
+    pub shard: u32,
+    /// Open connections.
+    pub connections: u32,
+    /// Requests being handled.
+    pub requests_in_flight: u32,
+    /// Flushes (group commits) completed since the broker started.
+    pub flushes: u64,
+    /// Of those, the ones slower than 10 ms.
+    pub slow_flushes: u64,
+    /// The longest flush since the broker started, in microseconds.
+    pub flush_max_us: u64,
+    /// The longest sync of a flush since the broker started, in microseconds.
+    pub sync_max_us: u64,
+}
+
 /// What the stats request returned.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
-    /// (shard, open connections, requests in flight).
-    pub shards: Vec<(u32, u32, u32)>,
+    /// Every shard.
+    pub shards: Vec<ShardStats>,
     /// Every partition.
     pub partitions: Vec<PartitionStats>,
 }
@@ -270,7 +289,15 @@ impl Client {
                 .shards()
                 .iter()
                 .flatten()
-                .map(|s| (s.shard(), s.connections(), s.requests_in_flight()))
+                .map(|s| ShardStats {
+                    shard: s.shard(),
+                    connections: s.connections(),
+                    requests_in_flight: s.requests_in_flight(),
+                    flushes: s.flushes(),
+                    slow_flushes: s.slow_flushes(),
+                    flush_max_us: s.flush_max_us(),
+                    sync_max_us: s.sync_max_us(),
+                })
                 .collect(),
             partitions: body
                 .partitions()

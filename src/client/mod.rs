@@ -15,7 +15,7 @@ mod subscriptions;
 pub use crate::subscription::partition::SettleAction;
 pub use client::{
     fetch_on, fetch_result, produce_on, produce_result, Client, ClientOptions, Fetched, Metadata,
-    PartitionInfo, PartitionStats, Stats,
+    PartitionInfo, PartitionStats, ShardStats, Stats,
 };
 pub use connection::{Connection, Reply};
 pub use producer::{Producer, ProducerOptions};

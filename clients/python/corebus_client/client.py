@@ -655,7 +655,8 @@ class Client:
         def parse(resp: g.Response) -> Stats:
             r = _body(resp, g.ResponseBody.StatsResponse, g.StatsResponse)
             shards = [
-                ShardStats(s.Shard(), s.Connections(), s.RequestsInFlight())
+                ShardStats(s.Shard(), s.Connections(), s.RequestsInFlight(), s.Flushes(),
+                           s.SlowFlushes(), s.FlushMaxUs(), s.SyncMaxUs())
                 for s in (r.Shards(i) for i in range(r.ShardsLength()))
             ]
             parts = [

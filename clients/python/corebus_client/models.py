@@ -182,6 +182,14 @@ class ShardStats:
     shard: int
     connections: int
     requests_in_flight: int
+    #: Flushes (group commits) completed since the broker started.
+    flushes: int = 0
+    #: Of those, the ones slower than 10 ms.
+    slow_flushes: int = 0
+    #: The longest flush since the broker started, in microseconds.
+    flush_max_us: int = 0
+    #: The longest sync of a flush since the broker started, in microseconds.
+    sync_max_us: int = 0
 
 
 @dataclass(frozen=True)

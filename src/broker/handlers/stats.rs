@@ -19,6 +19,10 @@ pub(super) async fn handle(shard: &Shard, id: u64) -> OutFrame {
                     shard: f.shard,
                     connections: f.connections,
                     requests_in_flight: f.requests_in_flight,
+                    flushes: f.flushes,
+                    slow_flushes: f.slow_flushes,
+                    flush_max_us: f.flush_max_us,
+                    sync_max_us: f.sync_max_us,
                 },
             )
         })

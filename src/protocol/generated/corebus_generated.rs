@@ -3714,6 +3714,10 @@ impl<'a> ShardStats<'a> {
   pub const VT_SHARD: ::flatbuffers::VOffsetT = 4;
   pub const VT_CONNECTIONS: ::flatbuffers::VOffsetT = 6;
   pub const VT_REQUESTS_IN_FLIGHT: ::flatbuffers::VOffsetT = 8;
+  pub const VT_FLUSHES: ::flatbuffers::VOffsetT = 10;
+  pub const VT_SLOW_FLUSHES: ::flatbuffers::VOffsetT = 12;
+  pub const VT_FLUSH_MAX_US: ::flatbuffers::VOffsetT = 14;
+  pub const VT_SYNC_MAX_US: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3725,6 +3729,10 @@ impl<'a> ShardStats<'a> {
     args: &'args ShardStatsArgs
   ) -> ::flatbuffers::WIPOffset<ShardStats<'bldr>> {
     let mut builder = ShardStatsBuilder::new(_fbb);
+    builder.add_sync_max_us(args.sync_max_us);
+    builder.add_flush_max_us(args.flush_max_us);
+    builder.add_slow_flushes(args.slow_flushes);
+    builder.add_flushes(args.flushes);
     builder.add_requests_in_flight(args.requests_in_flight);
     builder.add_connections(args.connections);
     builder.add_shard(args.shard);
@@ -3753,6 +3761,38 @@ impl<'a> ShardStats<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u32>(ShardStats::VT_REQUESTS_IN_FLIGHT, Some(0)).unwrap()}
   }
+  /// Flushes (group commits) completed since the broker started.
+  #[inline]
+  pub fn flushes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_FLUSHES, Some(0)).unwrap()}
+  }
+  /// Of those, the ones that took longer than 10 ms (write plus sync).
+  #[inline]
+  pub fn slow_flushes(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_SLOW_FLUSHES, Some(0)).unwrap()}
+  }
+  /// The longest flush since the broker started, in microseconds.
+  #[inline]
+  pub fn flush_max_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_FLUSH_MAX_US, Some(0)).unwrap()}
+  }
+  /// The longest sync of a flush since the broker started, in microseconds.
+  #[inline]
+  pub fn sync_max_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_SYNC_MAX_US, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ShardStats<'_> {
@@ -3764,6 +3804,10 @@ impl ::flatbuffers::Verifiable for ShardStats<'_> {
      .visit_field::<u32>("shard", Self::VT_SHARD, false)?
      .visit_field::<u32>("connections", Self::VT_CONNECTIONS, false)?
      .visit_field::<u32>("requests_in_flight", Self::VT_REQUESTS_IN_FLIGHT, false)?
+     .visit_field::<u64>("flushes", Self::VT_FLUSHES, false)?
+     .visit_field::<u64>("slow_flushes", Self::VT_SLOW_FLUSHES, false)?
+     .visit_field::<u64>("flush_max_us", Self::VT_FLUSH_MAX_US, false)?
+     .visit_field::<u64>("sync_max_us", Self::VT_SYNC_MAX_US, false)?
      .finish();
     Ok(())
   }
@@ -3772,6 +3816,10 @@ pub struct ShardStatsArgs {
     pub shard: u32,
     pub connections: u32,
     pub requests_in_flight: u32,
+    pub flushes: u64,
+    pub slow_flushes: u64,
+    pub flush_max_us: u64,
+    pub sync_max_us: u64,
 }
 impl<'a> Default for ShardStatsArgs {
   #[inline]
@@ -3780,6 +3828,10 @@ impl<'a> Default for ShardStatsArgs {
       shard: 0,
       connections: 0,
       requests_in_flight: 0,
+      flushes: 0,
+      slow_flushes: 0,
+      flush_max_us: 0,
+      sync_max_us: 0,
     }
   }
 }
@@ -3802,6 +3854,22 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u32>(ShardStats::VT_REQUESTS_IN_FLIGHT, requests_in_flight, 0);
   }
   #[inline]
+  pub fn add_flushes(&mut self, flushes: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_FLUSHES, flushes, 0);
+  }
+  #[inline]
+  pub fn add_slow_flushes(&mut self, slow_flushes: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_SLOW_FLUSHES, slow_flushes, 0);
+  }
+  #[inline]
+  pub fn add_flush_max_us(&mut self, flush_max_us: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_FLUSH_MAX_US, flush_max_us, 0);
+  }
+  #[inline]
+  pub fn add_sync_max_us(&mut self, sync_max_us: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_SYNC_MAX_US, sync_max_us, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ShardStatsBuilder {
@@ -3822,6 +3890,10 @@ impl ::core::fmt::Debug for ShardStats<'_> {
       ds.field("shard", &self.shard());
       ds.field("connections", &self.connections());
       ds.field("requests_in_flight", &self.requests_in_flight());
+      ds.field("flushes", &self.flushes());
+      ds.field("slow_flushes", &self.slow_flushes());
+      ds.field("flush_max_us", &self.flush_max_us());
+      ds.field("sync_max_us", &self.sync_max_us());
       ds.finish()
   }
 }

@@ -144,9 +144,7 @@ impl PartitionLog {
             };
             match result {
                 Ok(()) => {
-                    metrics
-                        .flush_latency
-                        .observe(started.elapsed().as_secs_f64());
+                    metrics.observe_flush(started.elapsed().as_secs_f64());
                     self.complete_flush(batches, new_end, new_tail);
                     self.start_prewrite(&file, bytes as u64);
                     self.start_spare();
@@ -190,9 +188,7 @@ impl PartitionLog {
                     .map_err(|e| StorageError::glommio(context(), e))
             }
         };
-        metrics
-            .fdatasync_latency
-            .observe(started.elapsed().as_secs_f64());
+        metrics.observe_sync(started.elapsed().as_secs_f64());
         result
     }
 

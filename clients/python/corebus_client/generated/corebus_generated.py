@@ -1621,8 +1621,40 @@ class ShardStats(object):
             return self._tab.Get(flatbuffers.number_types.Uint32Flags, o + self._tab.Pos)
         return 0
 
+    # Flushes (group commits) completed since the broker started.
+    # ShardStats
+    def Flushes(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(10))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # Of those, the ones that took longer than 10 ms (write plus sync).
+    # ShardStats
+    def SlowFlushes(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(12))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # The longest flush since the broker started, in microseconds.
+    # ShardStats
+    def FlushMaxUs(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(14))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
+    # The longest sync of a flush since the broker started, in microseconds.
+    # ShardStats
+    def SyncMaxUs(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(16))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def ShardStatsStart(builder):
-    builder.StartObject(3)
+    builder.StartObject(7)
 
 def ShardStatsAddShard(builder, shard):
     builder.PrependUint32Slot(0, shard, 0)
@@ -1632,6 +1664,18 @@ def ShardStatsAddConnections(builder, connections):
 
 def ShardStatsAddRequestsInFlight(builder, requestsInFlight):
     builder.PrependUint32Slot(2, requestsInFlight, 0)
+
+def ShardStatsAddFlushes(builder, flushes):
+    builder.PrependUint64Slot(3, flushes, 0)
+
+def ShardStatsAddSlowFlushes(builder, slowFlushes):
+    builder.PrependUint64Slot(4, slowFlushes, 0)
+
+def ShardStatsAddFlushMaxUs(builder, flushMaxUs):
+    builder.PrependUint64Slot(5, flushMaxUs, 0)
+
+def ShardStatsAddSyncMaxUs(builder, syncMaxUs):
+    builder.PrependUint64Slot(6, syncMaxUs, 0)
 
 def ShardStatsEnd(builder):
     return builder.EndObject()
