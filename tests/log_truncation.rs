@@ -9,40 +9,15 @@ use std::path::Path;
 use std::rc::Rc;
 
 use bytes::Bytes;
-use common::log::{batch_of, prime_direct_io, read_records};
+use common::log::{
+    append_batches, prime_direct_io, read_records, small_segments, value, PER_BATCH,
+};
 use corebus::record::{BatchBuilder, BatchOptions, ProducerFields, RecordWriter};
 use corebus::storage::segment;
 use corebus::storage::{LogConfig, PartitionLog, StorageError};
 
-/// Records per batch in these tests: batch boundaries are the multiples of 3.
-const PER_BATCH: u64 = 3;
-
 fn config() -> Rc<LogConfig> {
-    Rc::new(LogConfig {
-        segment_bytes: 32 * 1024,
-        preallocate_bytes: 16 * 1024,
-        index_interval_bytes: 1024,
-        ..LogConfig::default()
-    })
-}
-
-fn value(kind: &str, i: u64) -> String {
-    format!("{kind}-{i:05}-{}", "x".repeat((i % 29) as usize))
-}
-
-/// Appends `batches` batches of 3 records valued `kind-N` (N the offset it should land at)
-/// and waits until they are durable.
-async fn append_batches(log: &Rc<PartitionLog>, kind: &str, batches: u64) {
-    for _ in 0..batches {
-        let first = log.high_watermark();
-        let values: Vec<String> = (first..first + PER_BATCH).map(|i| value(kind, i)).collect();
-        let ticket = log
-            .append(&[batch_of(&values, 1_000)], 1)
-            .await
-            .expect("append");
-        let (base, last) = ticket.durable().await.expect("durable");
-        assert_eq!((base, last), (first, first + PER_BATCH - 1));
-    }
+    small_segments(32)
 }
 
 /// What the log should serve: `kind-N` at each offset N of `range`.

@@ -15,39 +15,19 @@ mod common;
 use std::collections::BTreeSet;
 use std::rc::Rc;
 
-use common::log::{batch_of, prime_direct_io, try_read_records};
+use common::log::{
+    append_batches, prime_direct_io, small_segments, try_read_records, value, PER_BATCH,
+};
 use corebus::storage::disk_trace;
 use corebus::storage::power_loss::{History, Rng};
 use corebus::storage::segment;
 use corebus::storage::{LogConfig, PartitionLog};
 
-const PER_BATCH: u64 = 3;
 /// Cuts checked, each on its own image.
 const CUTS: usize = 120;
 
 fn config() -> Rc<LogConfig> {
-    Rc::new(LogConfig {
-        segment_bytes: 16 * 1024,
-        preallocate_bytes: 8 * 1024,
-        index_interval_bytes: 1024,
-        ..LogConfig::default()
-    })
-}
-
-fn value(kind: &str, i: u64) -> String {
-    format!("{kind}-{i:05}-{}", "x".repeat((i % 29) as usize))
-}
-
-async fn append_batches(log: &Rc<PartitionLog>, kind: &str, batches: u64) {
-    for _ in 0..batches {
-        let first = log.high_watermark();
-        let values: Vec<String> = (first..first + PER_BATCH).map(|i| value(kind, i)).collect();
-        let ticket = log
-            .append(&[batch_of(&values, 1_000)], 1)
-            .await
-            .expect("append");
-        ticket.durable().await.expect("durable");
-    }
+    small_segments(16)
 }
 
 /// What the traced run did: where it cut, and how far each part of the log reached.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use corebus::record::{BatchBuilder, BatchIter, Decompressor, RecordWriter};
-use corebus::storage::PartitionLog;
+use corebus::storage::{LogConfig, PartitionLog};
 
 /// glommio 0.9 breaks DMA reads on a device whose first DmaFile was empty: open the
 /// (non-empty) superblock of a data directory first, as every broker shard does.
@@ -29,6 +29,39 @@ pub fn batch_of(values: &[String], first_ts: i64) -> Bytes {
         });
     }
     Bytes::from(b.finish())
+}
+
+/// Records per batch of [`append_batches`]: batch boundaries are the multiples of 3.
+pub const PER_BATCH: u64 = 3;
+
+/// A log with small segments (`segment_kib` each), so that a few hundred batches span several.
+pub fn small_segments(segment_kib: u64) -> Rc<LogConfig> {
+    Rc::new(LogConfig {
+        segment_bytes: segment_kib * 1024,
+        preallocate_bytes: segment_kib * 512,
+        index_interval_bytes: 1024,
+        ..LogConfig::default()
+    })
+}
+
+/// The value of the record at offset `i` written as `kind`.
+pub fn value(kind: &str, i: u64) -> String {
+    format!("{kind}-{i:05}-{}", "x".repeat((i % 29) as usize))
+}
+
+/// Appends `batches` batches of [`PER_BATCH`] records valued `value(kind, N)` (N the offset
+/// each should land at) one by one, each waited for until durable and checked to land there.
+pub async fn append_batches(log: &Rc<PartitionLog>, kind: &str, batches: u64) {
+    for _ in 0..batches {
+        let first = log.high_watermark();
+        let values: Vec<String> = (first..first + PER_BATCH).map(|i| value(kind, i)).collect();
+        let ticket = log
+            .append(&[batch_of(&values, 1_000)], 1)
+            .await
+            .expect("append");
+        let (base, last) = ticket.durable().await.expect("durable");
+        assert_eq!((base, last), (first, first + PER_BATCH - 1));
+    }
 }
 
 /// Every record readable from the log's start: (offset, value), in order.
