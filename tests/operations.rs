@@ -88,6 +88,12 @@ fn metrics_move_with_the_load() {
         "max {longest}, mean {mean}"
     );
     assert!(metric(&after, "corebus_fdatasync_latency_max_seconds", "") > 0.0);
+    assert!(metric(&after, "corebus_flush_write_latency_max_seconds", "") > 0.0);
+    assert!(longest >= metric(&after, "corebus_flush_write_latency_max_seconds", ""));
+    assert_eq!(
+        metric(&after, "corebus_flush_write_latency_seconds_count", ""),
+        flushes
+    );
     let within_10ms = metric(
         &after,
         "corebus_flush_latency_seconds_bucket",

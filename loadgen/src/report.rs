@@ -32,6 +32,8 @@ pub struct BrokerFigures {
     pub flush_max_us: u64,
     /// The longest sync of a flush, in microseconds.
     pub sync_max_us: u64,
+    /// The longest write of a flush, in microseconds.
+    pub write_max_us: u64,
 }
 
 impl BrokerFigures {
@@ -49,6 +51,7 @@ impl BrokerFigures {
             slow_flushes: shards.iter().map(|s| s.slow_flushes).sum(),
             flush_max_us: shards.iter().map(|s| s.flush_max_us).max().unwrap_or(0),
             sync_max_us: shards.iter().map(|s| s.sync_max_us).max().unwrap_or(0),
+            write_max_us: shards.iter().map(|s| s.write_max_us).max().unwrap_or(0),
         }
     }
 }
@@ -109,6 +112,7 @@ pub fn build(
             "slow_flushes": broker.slow_flushes,
             "flush_max_ms": broker.flush_max_us as f64 / 1000.0,
             "sync_max_ms": broker.sync_max_us as f64 / 1000.0,
+            "write_max_ms": broker.write_max_us as f64 / 1000.0,
         },
         "disk": {
             "bytes": broker.disk_bytes,
@@ -172,10 +176,12 @@ pub fn print(report: &Report, stats: &Stats) {
     );
     let b = &j["broker"];
     println!(
-        "broker flushes since it started: {} ({} over 10 ms); longest flush {:.1} ms, longest sync {:.1} ms",
+        "broker flushes since it started: {} ({} over 10 ms); longest flush {:.1} ms, longest \
+         write {:.1} ms, longest sync {:.1} ms",
         b["flushes"],
         b["slow_flushes"],
         f(&b["flush_max_ms"]),
+        f(&b["write_max_ms"]),
         f(&b["sync_max_ms"])
     );
     println!();

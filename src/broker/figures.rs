@@ -45,6 +45,8 @@ pub struct ShardFigures {
     pub flush_max_us: u64,
     /// The longest sync of a flush, in microseconds.
     pub sync_max_us: u64,
+    /// The longest write of a flush, in microseconds.
+    pub write_max_us: u64,
     /// Its partitions.
     pub partitions: Vec<PartitionFigures>,
 }

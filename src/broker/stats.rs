@@ -39,6 +39,7 @@ impl Shard {
             slow_flushes: storage.slow_flushes.get(),
             flush_max_us: micros(storage.flush_latency_max.get()),
             sync_max_us: micros(storage.fdatasync_latency_max.get()),
+            write_max_us: micros(storage.write_latency_max.get()),
             partitions,
         }
     }

@@ -107,6 +107,8 @@ pub struct ShardStats {
     pub flush_max_us: u64,
     /// The longest sync of a flush since the broker started, in microseconds.
     pub sync_max_us: u64,
+    /// The longest write of a flush since the broker started, in microseconds.
+    pub write_max_us: u64,
 }
 
 /// What the stats request returned.
@@ -297,6 +299,7 @@ impl Client {
                     slow_flushes: s.slow_flushes(),
                     flush_max_us: s.flush_max_us(),
                     sync_max_us: s.sync_max_us(),
+                    write_max_us: s.write_max_us(),
                 })
                 .collect(),
             partitions: body

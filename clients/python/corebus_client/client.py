@@ -656,7 +656,7 @@ class Client:
             r = _body(resp, g.ResponseBody.StatsResponse, g.StatsResponse)
             shards = [
                 ShardStats(s.Shard(), s.Connections(), s.RequestsInFlight(), s.Flushes(),
-                           s.SlowFlushes(), s.FlushMaxUs(), s.SyncMaxUs())
+                           s.SlowFlushes(), s.FlushMaxUs(), s.SyncMaxUs(), s.WriteMaxUs())
                 for s in (r.Shards(i) for i in range(r.ShardsLength()))
             ]
             parts = [

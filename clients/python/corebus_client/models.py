@@ -190,6 +190,8 @@ class ShardStats:
     flush_max_us: int = 0
     #: The longest sync of a flush since the broker started, in microseconds.
     sync_max_us: int = 0
+    #: The longest write of a flush since the broker started, in microseconds.
+    write_max_us: int = 0
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ pub(super) async fn handle(shard: &Shard, id: u64) -> OutFrame {
                     slow_flushes: f.slow_flushes,
                     flush_max_us: f.flush_max_us,
                     sync_max_us: f.sync_max_us,
+                    write_max_us: f.write_max_us,
                 },
             )
         })

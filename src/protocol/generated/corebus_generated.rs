@@ -3718,6 +3718,7 @@ impl<'a> ShardStats<'a> {
   pub const VT_SLOW_FLUSHES: ::flatbuffers::VOffsetT = 12;
   pub const VT_FLUSH_MAX_US: ::flatbuffers::VOffsetT = 14;
   pub const VT_SYNC_MAX_US: ::flatbuffers::VOffsetT = 16;
+  pub const VT_WRITE_MAX_US: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -3729,6 +3730,7 @@ impl<'a> ShardStats<'a> {
     args: &'args ShardStatsArgs
   ) -> ::flatbuffers::WIPOffset<ShardStats<'bldr>> {
     let mut builder = ShardStatsBuilder::new(_fbb);
+    builder.add_write_max_us(args.write_max_us);
     builder.add_sync_max_us(args.sync_max_us);
     builder.add_flush_max_us(args.flush_max_us);
     builder.add_slow_flushes(args.slow_flushes);
@@ -3793,6 +3795,14 @@ impl<'a> ShardStats<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<u64>(ShardStats::VT_SYNC_MAX_US, Some(0)).unwrap()}
   }
+  /// The longest write of a flush since the broker started, in microseconds.
+  #[inline]
+  pub fn write_max_us(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ShardStats::VT_WRITE_MAX_US, Some(0)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for ShardStats<'_> {
@@ -3808,6 +3818,7 @@ impl ::flatbuffers::Verifiable for ShardStats<'_> {
      .visit_field::<u64>("slow_flushes", Self::VT_SLOW_FLUSHES, false)?
      .visit_field::<u64>("flush_max_us", Self::VT_FLUSH_MAX_US, false)?
      .visit_field::<u64>("sync_max_us", Self::VT_SYNC_MAX_US, false)?
+     .visit_field::<u64>("write_max_us", Self::VT_WRITE_MAX_US, false)?
      .finish();
     Ok(())
   }
@@ -3820,6 +3831,7 @@ pub struct ShardStatsArgs {
     pub slow_flushes: u64,
     pub flush_max_us: u64,
     pub sync_max_us: u64,
+    pub write_max_us: u64,
 }
 impl<'a> Default for ShardStatsArgs {
   #[inline]
@@ -3832,6 +3844,7 @@ impl<'a> Default for ShardStatsArgs {
       slow_flushes: 0,
       flush_max_us: 0,
       sync_max_us: 0,
+      write_max_us: 0,
     }
   }
 }
@@ -3870,6 +3883,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ShardStatsBuilder<'a, 'b, A> 
     self.fbb_.push_slot::<u64>(ShardStats::VT_SYNC_MAX_US, sync_max_us, 0);
   }
   #[inline]
+  pub fn add_write_max_us(&mut self, write_max_us: u64) {
+    self.fbb_.push_slot::<u64>(ShardStats::VT_WRITE_MAX_US, write_max_us, 0);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ShardStatsBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     ShardStatsBuilder {
@@ -3894,6 +3911,7 @@ impl ::core::fmt::Debug for ShardStats<'_> {
       ds.field("slow_flushes", &self.slow_flushes());
       ds.field("flush_max_us", &self.flush_max_us());
       ds.field("sync_max_us", &self.sync_max_us());
+      ds.field("write_max_us", &self.write_max_us());
       ds.finish()
   }
 }

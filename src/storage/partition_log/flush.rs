@@ -119,6 +119,9 @@ impl PartitionLog {
                 )),
                 None => filler.write_at(start_pos).await,
             };
+            if written.is_ok() {
+                metrics.observe_write(started.elapsed().as_secs_f64());
+            }
             let result = match written {
                 // EIO: the device failed the write, and may lose what it had accepted.
                 Err(e) => {

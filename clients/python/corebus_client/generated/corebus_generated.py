@@ -1653,8 +1653,16 @@ class ShardStats(object):
             return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
         return 0
 
+    # The longest write of a flush since the broker started, in microseconds.
+    # ShardStats
+    def WriteMaxUs(self):
+        o = flatbuffers.number_types.UOffsetTFlags.py_type(self._tab.Offset(18))
+        if o != 0:
+            return self._tab.Get(flatbuffers.number_types.Uint64Flags, o + self._tab.Pos)
+        return 0
+
 def ShardStatsStart(builder):
-    builder.StartObject(7)
+    builder.StartObject(8)
 
 def ShardStatsAddShard(builder, shard):
     builder.PrependUint32Slot(0, shard, 0)
@@ -1676,6 +1684,9 @@ def ShardStatsAddFlushMaxUs(builder, flushMaxUs):
 
 def ShardStatsAddSyncMaxUs(builder, syncMaxUs):
     builder.PrependUint64Slot(6, syncMaxUs, 0)
+
+def ShardStatsAddWriteMaxUs(builder, writeMaxUs):
+    builder.PrependUint64Slot(7, writeMaxUs, 0)
 
 def ShardStatsEnd(builder):
     return builder.EndObject()
